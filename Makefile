@@ -1,0 +1,34 @@
+# One entry point for people and CI. Everything lands in .venv; weights in $CATNET_HOME (default ~/.cache/catnet).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.catnet-installed
+
+.PHONY: setup weights demo test lint clean
+
+setup: $(STAMP) weights
+
+# torch is installed on its own, pinned: an unpinned or ranged torch pulls a multi-GB CUDA build here.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+# Idempotent: a second run finds the converted weights and does nothing.
+weights: $(STAMP)
+	$(BIN)/catnet weights fetch
+
+demo: setup
+	$(BIN)/catnet demo
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info

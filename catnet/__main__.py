@@ -1,0 +1,3 @@
+from catnet.cli import main
+
+raise SystemExit(main())

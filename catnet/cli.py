@@ -1,0 +1,95 @@
+"""`catnet <verb>`: one argparse sub-command per job.
+
+Each verb lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; only the
+module of the verb being run is imported, so `catnet --help` stays fast. Errors reach the user as one
+line (`catnet: error: ...`) with a non-zero exit status, never as a traceback (set CATNET_DEBUG=1 for one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+
+from catnet import __version__
+from catnet.errors import CatnetError
+
+# verb -> (module, one-line help). Order is the order of the data flow.
+VERBS: dict[str, tuple[str, str]] = {
+    "weights": ("catnet.weights", "fetch and convert the pretrained Kinetics-400 Inception-I3D weights"),
+    "synth": ("catnet.data.synth", "generate the synthetic action-video dataset"),
+    "extract": ("catnet.extract", "extract clip features from videos into a feature store"),
+    "inspect": ("catnet.features.inspect", "summarise a feature store"),
+    "train": ("catnet.train", "train a video-level head on a feature store"),
+    "eval": ("catnet.evaluate", "evaluate a trained run on a feature store"),
+    "finetune-backbone": ("catnet.finetune", "fine-tune a backbone on clips (the paper's baseline)"),
+    "predict": ("catnet.predict", "predict actions on videos, with the moments that mattered"),
+    "export": ("catnet.export", "export a trained head or a backbone to ONNX / TorchScript"),
+    "report": ("catnet.report", "write the analysis report (Figs. 4-6) for a run"),
+    "demo": ("catnet.demo", "run the whole pipeline on the embedded synthetic dataset"),
+    "reproduce": ("catnet.reproduce", "run the paper's protocol end to end on a dataset"),
+    "serve": ("catnet.serve", "web page: upload a video, see its top-5 and attention timeline"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports misuse in one line (exit status 2) instead of usage + message."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _available() -> dict[str, tuple[str, str]]:
+    out = {}
+    for verb, (module, help_) in VERBS.items():
+        try:
+            if importlib.util.find_spec(module) is not None:
+                out[verb] = (module, help_)
+        except ModuleNotFoundError:
+            pass
+    return out
+
+
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog="catnet", description="CATNet video action recognition toolkit.")
+    parser.add_argument("--version", action="version", version=f"catnet {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    for verb, (module, help_) in _available().items():
+        p = sub.add_parser(verb, help=help_, description=help_)
+        if verb == selected:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(selected)
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(_available()[args.verb][0])
+    try:
+        return int(module.run(args) or 0)
+    except CatnetError as e:
+        print(f"catnet {args.verb}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"catnet {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        print(f"catnet {args.verb}: error: {e.strerror or e}: {e.filename}", file=sys.stderr)
+        return 2
+    except Exception as e:  # last line of defence: one line, never a traceback
+        if os.environ.get("CATNET_DEBUG"):
+            raise
+        print(f"catnet {args.verb}: internal error: {type(e).__name__}: {e} "
+              "(set CATNET_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,59 @@
+"""Shared fixtures. Tests never need ../shared; those that use its real clips run when it exists."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """../shared, or skip: it is optional for the test suite."""
+    if not (SHARED / "data" / "clips").is_dir():
+        pytest.skip("../shared/data/clips not present")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def pretrained_i3d() -> Path:
+    """Path of the converted Kinetics-400 Inception-I3D weights.
+
+    Missing weights skip the test on a developer machine that never ran `make setup`, but fail it in CI,
+    where `make test` has just fetched them.
+    """
+    from catnet.weights import converted_weights_path
+
+    path = converted_weights_path()
+    if not path.is_file():
+        msg = f"pretrained Inception-I3D weights not found at {path}; run `catnet weights fetch`"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture
+def make_video(tmp_path):
+    """Factory: encode a small moving-square video and return its path."""
+    from catnet.video.encode import write_video
+
+    def _make(name="v.mp4", frames=40, height=64, width=96, fps=25.0, codec="libx264", seed=0):
+        rng = np.random.default_rng(seed)
+        t = np.arange(frames)
+        video = np.zeros((frames, height, width, 3), np.uint8)
+        video[:] = rng.integers(0, 60, size=3, dtype=np.uint8)
+        for i in t:
+            x = int((i * 3) % max(1, width - 10))
+            video[i, height // 3: height // 3 + 10, x: x + 10] = (250, 200, 40)
+        return write_video(tmp_path / name, video, fps=fps, codec=codec)
+
+    return _make
