@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# PyTorchVideo is only the reference the tests compare i3d_r50 against; its deps are not needed.
+	$(BIN)/python -m pip install -q --no-deps pytorchvideo==0.1.5
 	touch $(STAMP)
 
 # Idempotent: a second run finds the converted weights and does nothing.

@@ -10,8 +10,13 @@ import numpy as np
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: float = 25.0, codec: str = "libx264",
-                pix_fmt: str = "yuv420p", options: dict[str, str] | None = None) -> Path:
-    """Encode uint8 frames (T, H, W, 3) RGB into `path`; the container follows the file suffix."""
+                pix_fmt: str = "yuv420p", options: dict[str, str] | None = None,
+                pts: list[int] | None = None, rotation: int = 0) -> Path:
+    """Encode uint8 frames (T, H, W, 3) RGB into `path`; the container follows the file suffix.
+
+    `pts` (increasing, in units of 1/fps) gives frame timestamps for a variable frame rate file;
+    `rotation` (counter-clockwise degrees) writes display-matrix metadata, as phones do.
+    """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
@@ -25,8 +30,13 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 25.0, codec: 
         stream.pix_fmt = pix_fmt
         if options:
             stream.options = options
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for i, frame in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            if pts is not None:
+                vf.pts, vf.time_base = int(pts[i]), 1 / rate
+            for packet in stream.encode(vf):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

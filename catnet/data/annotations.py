@@ -1,0 +1,330 @@
+"""Dataset annotation readers: Kinetics CSV, UCF101 and HMDB51 split files, folder-per-class, plain CSV.
+
+Every reader returns `Annotations(items, classes, missing)`: `items` are videos found on disk, `missing`
+those listed but not found (reported, never fatal; `check_files=False` skips the check and keeps all).
+Video paths are absolute. A path that an annotation file would place outside the dataset root
+(`../`, or an absolute path elsewhere) raises CatnetError: annotation files are untrusted input.
+The check is lexical, so symlinks that the dataset's owner placed inside the root still work.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from catnet.errors import CatnetError
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".gif", ".flv", ".ogv")
+SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validate": "val",
+          "validation": "val", "test": "test", "testing": "test"}
+FORMATS = ("auto", "kinetics", "ucf101", "hmdb51", "folder", "csv")
+
+
+@dataclass
+class VideoItem:
+    id: str
+    path: Path  # absolute
+    label: str | None  # None: unlabelled (e.g. the Kinetics test set)
+    split: str | None = None  # "train" / "val" / "test"
+
+
+@dataclass
+class Annotations:
+    items: list[VideoItem]
+    classes: list[str]
+    missing: list[VideoItem] = field(default_factory=list)
+
+    def split(self, name: str) -> list[VideoItem]:
+        return [it for it in self.items if it.split == name]
+
+
+def _split_name(raw: str | None) -> str | None:
+    if raw is None or not raw.strip():
+        return None
+    name = SPLITS.get(raw.strip().lower())
+    if name is None:
+        raise CatnetError(f"unknown split {raw!r}; expected one of train, val, test")
+    return name
+
+
+def safe_join(root: Path, rel: str, where: str) -> Path:
+    """root / rel, refusing anything that would leave root (`where` names the offending line)."""
+    base = os.path.abspath(root)
+    if not rel or "\x00" in rel:
+        raise CatnetError(f"{where}: empty or invalid path {rel!r}")
+    path = os.path.normpath(os.path.join(base, rel))  # an absolute `rel` replaces base, then gets checked
+    if path != base and not path.startswith(base.rstrip(os.sep) + os.sep):
+        raise CatnetError(f"{where}: path {rel!r} is outside the dataset root {base}")
+    return Path(path)
+
+
+def _finish(items: list[VideoItem], classes: list[str], check_files: bool) -> Annotations:
+    if not check_files:
+        return Annotations(items, classes, [])
+    found, missing = [], []
+    for it in items:
+        (found if it.path.is_file() else missing).append(it)
+    return Annotations(found, classes, missing)
+
+
+def _rel_id(rel: str) -> str:
+    return Path(rel).with_suffix("").as_posix()
+
+
+# ----------------------------------------------------------------------------------------- Kinetics
+
+
+def _index_videos(root: Path, depth: int = 2) -> dict[str, list[Path]]:
+    """Stem -> video files in root and up to `depth` folder levels below (root/split/label/)."""
+    index: dict[str, list[Path]] = {}
+    level = [root]
+    for d in range(depth + 1):
+        nxt = []
+        for folder in level:
+            try:
+                entries = list(os.scandir(folder))
+            except OSError:
+                continue
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir():
+                    if d < depth:
+                        nxt.append(Path(e.path))
+                elif Path(e.name).suffix.lower() in VIDEO_SUFFIXES:
+                    index.setdefault(Path(e.name).stem, []).append(Path(e.path))
+        level = nxt
+    return index
+
+
+def read_kinetics(csv_path: str | os.PathLike, root: str | os.PathLike | None = None,
+                  check_files: bool = True) -> Annotations:
+    """Kinetics-400/600/700 CSV: label,youtube_id,time_start,time_end,split (label absent for test).
+
+    Videos are named {youtube_id}_{start:06d}_{end:06d}.<ext> (or {youtube_id}.<ext>) and are looked for
+    under root/<split>/<label>/, root/<split>/ and root/ (and one more level of any name), `root`
+    defaulting to the CSV's folder. A name found in several places resolves to the one under the row's
+    own split/label folder. Classes are the sorted label names.
+    """
+    csv_path = Path(csv_path)
+    root = Path(os.path.abspath(root if root is not None else csv_path.parent))
+    rows = _read_csv_rows(csv_path)
+    if not rows or "youtube_id" not in rows[0]:
+        raise CatnetError(f"{csv_path}: not a Kinetics CSV (needs a header with youtube_id)")
+    header, body = rows[0], rows[1:]
+    col = {name: i for i, name in enumerate(header)}
+    for need in ("youtube_id", "time_start", "time_end"):
+        if need not in col:
+            raise CatnetError(f"{csv_path}: Kinetics CSV has no {need!r} column")
+    index = _index_videos(root) if check_files else {}
+    items, missing, seen = [], [], set()
+    for n, row in enumerate(body, start=2):
+        where = f"{csv_path.name} line {n}"
+        if len(row) < len(header):
+            raise CatnetError(f"{where}: expected {len(header)} columns, got {len(row)}")
+        ytid = row[col["youtube_id"]].strip()
+        try:
+            start, end = int(float(row[col["time_start"]])), int(float(row[col["time_end"]]))
+        except ValueError:
+            raise CatnetError(f"{where}: time_start/time_end must be numbers") from None
+        label = row[col["label"]].strip() if "label" in col else None
+        raw_split = row[col["split"]].strip() if "split" in col else ""
+        split = _split_name(raw_split)
+        vid = f"{ytid}_{start:06d}_{end:06d}"
+        if vid in seen:
+            continue  # Kinetics CSVs repeat a few rows verbatim
+        seen.add(vid)
+        parts = [p for p in (raw_split, label) if p]
+        expected = safe_join(root, "/".join([*parts, vid + ".mp4"]), where)
+        if ytid != Path(ytid).name:
+            raise CatnetError(f"{where}: youtube_id {ytid!r} is not a plain name")
+        item = VideoItem(vid, expected, label or None, split)
+        found = index.get(vid) or index.get(ytid)
+        if found:
+            # prefer the copy in the row's own split/label folder; paths in the index are inside root
+            item.path = next((p for p in found if p.parent == expected.parent), found[0])
+            items.append(item)
+        elif check_files:
+            missing.append(item)
+        else:
+            items.append(item)
+    classes = sorted({it.label for it in items + missing if it.label})
+    return Annotations(items, classes, missing)
+
+
+# ------------------------------------------------------------------------------------- UCF101 / HMDB51
+
+
+def read_ucf101(split_dir: str | os.PathLike, root: str | os.PathLike | None = None, split_id: int = 1,
+                check_files: bool = True) -> Annotations:
+    """UCF101 split files: classInd.txt ("1 ApplyEyeMakeup"), trainlist0N.txt ("Class/v_x.avi 1") and
+    testlist0N.txt ("Class/v_x.avi"). Video paths are relative to `root` (default: split_dir's parent).
+    Classes follow classInd order; ids are the relative paths without suffix."""
+    split_dir = Path(split_dir)
+    root = Path(root) if root is not None else split_dir.parent
+    if split_id not in (1, 2, 3):
+        raise CatnetError(f"UCF101 has splits 1, 2, 3; got {split_id}")
+    class_file = split_dir / "classInd.txt"
+    if not class_file.is_file():
+        raise CatnetError(f"{split_dir}: no classInd.txt (not a UCF101 split folder)")
+    classes = []
+    for n, line in enumerate(class_file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) != len(classes) + 1:
+            raise CatnetError(f"classInd.txt line {n}: expected '<index> <class>' in order, got {line!r}")
+        classes.append(parts[1])
+    folder_to_class = {c.lower(): c for c in classes}
+    items = []
+    for split in ("train", "test"):
+        list_file = split_dir / f"{split}list{split_id:02d}.txt"
+        if not list_file.is_file():
+            raise CatnetError(f"{split_dir}: missing {list_file.name}")
+        for n, line in enumerate(list_file.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{list_file.name} line {n}"
+            parts = line.split()
+            rel = parts[0]
+            if len(parts) > 1:
+                if not parts[1].isdigit() or not 1 <= int(parts[1]) <= len(classes):
+                    raise CatnetError(f"{where}: bad class index {parts[1]!r}")
+                label = classes[int(parts[1]) - 1]
+            else:  # test lists carry no index: the folder names the class
+                label = folder_to_class.get(Path(rel).parts[0].lower()) if len(Path(rel).parts) > 1 else None
+                if label is None:
+                    raise CatnetError(f"{where}: cannot tell the class of {rel!r}")
+            items.append(VideoItem(_rel_id(rel), safe_join(root, rel, where), label, split))
+    return _finish(items, classes, check_files)
+
+
+HMDB_SPLIT = re.compile(r"^(?P<cls>.+)_test_split(?P<n>\d)\.txt$")
+
+
+def read_hmdb51(split_dir: str | os.PathLike, root: str | os.PathLike | None = None, split_id: int = 1,
+                check_files: bool = True) -> Annotations:
+    """HMDB51 split files <class>_test_split<N>.txt, lines "<video> <flag>" with flag 1 = train,
+    2 = test, 0 = unused (skipped). Videos live in root/<class>/<video>. Classes are sorted."""
+    split_dir = Path(split_dir)
+    root = Path(root) if root is not None else split_dir.parent
+    files = sorted(p for p in split_dir.glob(f"*_test_split{split_id}.txt") if HMDB_SPLIT.match(p.name))
+    if not files:
+        raise CatnetError(f"{split_dir}: no HMDB51 files *_test_split{split_id}.txt")
+    classes = sorted(HMDB_SPLIT.match(p.name)["cls"] for p in files)
+    items = []
+    for p in files:
+        cls = HMDB_SPLIT.match(p.name)["cls"]
+        for n, line in enumerate(p.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{p.name} line {n}"
+            parts = line.split()
+            if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
+                raise CatnetError(f"{where}: expected '<video> <0|1|2>', got {line.strip()!r}")
+            if parts[1] == "0":
+                continue
+            rel = f"{cls}/{parts[0]}"
+            split = "train" if parts[1] == "1" else "test"
+            items.append(VideoItem(_rel_id(rel), safe_join(root, rel, where), cls, split))
+    return _finish(items, classes, check_files)
+
+
+# ------------------------------------------------------------------------------------ folder and CSV
+
+
+def read_folder(root: str | os.PathLike) -> Annotations:
+    """root/<class>/<video> (videos may sit deeper inside a class folder); hidden entries are ignored,
+    as are videos directly in root (they have no class)."""
+    root = Path(os.path.abspath(root))
+    items = []
+    for d in sorted(root.iterdir()):
+        if not d.is_dir() or d.name.startswith("."):
+            continue
+        for p in sorted(d.rglob("*")):
+            rel = p.relative_to(root)
+            if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES and \
+                    not any(part.startswith(".") for part in rel.parts):
+                items.append(VideoItem(_rel_id(rel.as_posix()), p, d.name, None))
+    classes = sorted({it.label for it in items})  # a folder without videos is not a class
+    if not items:
+        raise CatnetError(f"{root}: no videos in class folders (looked for {', '.join(VIDEO_SUFFIXES)})")
+    return Annotations(items, classes, [])
+
+
+def _read_csv_rows(path: Path) -> list[list[str]]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return [[c.strip() for c in row] for row in csv.reader(f) if row and any(c.strip() for c in row)]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise CatnetError(f"cannot read {path}: {e}") from None
+
+
+def read_csv(csv_path: str | os.PathLike, root: str | os.PathLike | None = None,
+             check_files: bool = True) -> Annotations:
+    """Plain CSV rows path,label[,split] (an optional header row starts with "path"). Paths are relative
+    to `root` (default: the CSV's folder); an empty label means unlabelled. Classes are sorted labels."""
+    csv_path = Path(csv_path)
+    root = Path(os.path.abspath(root if root is not None else csv_path.parent))
+    rows = _read_csv_rows(csv_path)
+    start = 1 if rows and rows[0][0].lower() == "path" else 0
+    items = []
+    for n, row in enumerate(rows[start:], start=start + 1):
+        where = f"{csv_path.name} line {n}"
+        if len(row) not in (1, 2, 3):
+            raise CatnetError(f"{where}: expected path,label[,split], got {len(row)} columns")
+        rel = row[0]
+        label = row[1] if len(row) > 1 and row[1] else None
+        split = _split_name(row[2]) if len(row) > 2 else None
+        path = safe_join(root, rel, where)
+        items.append(VideoItem(_rel_id(path.relative_to(root).as_posix()), path, label, split))
+    if not items:
+        raise CatnetError(f"{csv_path}: lists no videos")
+    classes = sorted({it.label for it in items if it.label})
+    return _finish(items, classes, check_files)
+
+
+# ------------------------------------------------------------------------------------------- entry
+
+
+def detect_format(source: Path) -> str:
+    if source.is_dir():
+        if (source / "classInd.txt").is_file():
+            return "ucf101"
+        if any(HMDB_SPLIT.match(p.name) for p in source.glob("*_test_split*.txt")):
+            return "hmdb51"
+        return "folder"
+    if source.suffix.lower() == ".csv":
+        rows = _read_csv_rows(source)
+        header = {c.lower() for c in rows[0]} if rows else set()
+        return "kinetics" if {"youtube_id", "time_start"} <= header else "csv"
+    raise CatnetError(f"cannot tell the annotation format of {source}; "
+                      f"pass fmt= one of {', '.join(FORMATS[1:])}")
+
+
+def load_annotations(source: str | os.PathLike, root: str | os.PathLike | None = None, fmt: str = "auto",
+                     split_id: int = 1, check_files: bool = True) -> Annotations:
+    """Read any supported annotation source; `fmt="auto"` decides from what `source` is:
+    a folder with classInd.txt -> ucf101, with *_test_splitN.txt -> hmdb51, otherwise class folders;
+    a .csv with youtube_id/time_start columns -> kinetics, any other .csv -> plain path,label[,split]."""
+    source = Path(source)
+    if fmt not in FORMATS:
+        raise CatnetError(f"unknown annotation format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if not source.exists():
+        raise CatnetError(f"annotations not found: {source}")
+    if fmt == "auto":
+        fmt = detect_format(source)
+    if fmt == "kinetics":
+        return read_kinetics(source, root, check_files)
+    if fmt == "ucf101":
+        return read_ucf101(source, root, split_id, check_files)
+    if fmt == "hmdb51":
+        return read_hmdb51(source, root, split_id, check_files)
+    if fmt == "folder":
+        if not source.is_dir():
+            raise CatnetError(f"{source} is not a folder of class folders")
+        return read_folder(source)
+    return read_csv(source, root, check_files)

@@ -1,0 +1,417 @@
+"""`catnet synth`: a synthetic action-video dataset whose classes are decided by motion alone.
+
+Every video shows two "actor" objects and one or two distractor objects drifting over a textured
+background, under camera shake and pixel noise. For one stretch of the video (25-45% of it, anywhere in
+it) the actors perform the class motion - bounce, orbit, swap places, ... - and for the rest of the
+video they only drift like the distractors. Colour, size, shape, position, speed, background, shake and
+noise are drawn independently of the class, so appearance cannot decide it, and averaging all clips of
+a video dilutes the action with distractor motion: temporal attention has something to find.
+
+The appearance and the drift are drawn from a random stream that does not depend on the class, so two
+videos with the same appearance seed are identical, frame for frame, until the action starts.
+
+Layout written to OUT:
+
+    OUT/<class>/<class>_<nnn>.mp4   H.264 videos, folder per class
+    OUT/annotations.csv             path,label,split (path relative to OUT)
+    OUT/segments.json               per video: frames, fps, action start/end (frames and seconds)
+    OUT/synth.json                  the generation config; written last, so its presence means "complete"
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from catnet.errors import CatnetError
+from catnet.io import atomic_write_json, atomic_write_text
+
+# An offset function maps the action phase u in [0, 1] (array) and per-video motion parameters to the
+# (len(u), 2) displacement of actors A and B (in frame units) and A's size multiplier. Offsets are 0 at
+# u = 0, so the action starts where the drift left the actors, with no jump.
+Motion = Callable[[np.ndarray, dict], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def _zeros(u: np.ndarray) -> np.ndarray:
+    return np.zeros((len(u), 2))
+
+
+def _ones(u: np.ndarray) -> np.ndarray:
+    return np.ones(len(u))
+
+
+def _bounce(u, p):
+    # equal-height hops upward from the start position
+    y = -p["amp"] * np.abs(np.sin(np.pi * p["cycles"] * u))
+    return np.stack([np.zeros_like(u), y], 1), _zeros(u), _ones(u)
+
+
+def _fall_rebound(u, p):
+    # a fall under gravity to a floor `amp` below, then rebounds of decaying height
+    edges = np.array([0.0, 0.4, 0.7, 0.88, 1.0])
+    heights = np.array([1.0, 0.45, 0.2, 0.08])
+    seg = np.clip(np.searchsorted(edges, u, side="right") - 1, 0, 3)
+    v = (u - edges[seg]) / (edges[seg + 1] - edges[seg])
+    fall = 1.0 - v ** 2  # first piece: height 1 -> 0
+    hop = 4 * v * (1 - v)  # later pieces: 0 -> 1 -> 0
+    h = np.where(seg == 0, fall, hop) * heights[seg]
+    y = p["amp"] * (1.0 - h)
+    return np.stack([np.zeros_like(u), y], 1), _zeros(u), _ones(u)
+
+
+def _orbit(u, p):
+    a = 2 * np.pi * p["cycles"] * u * p["sign"]
+    r = p["amp"] * 0.6
+    off = np.stack([r * (np.cos(a) - 1), r * np.sin(a)], 1)
+    return off, _zeros(u), _ones(u)
+
+
+def _spiral(u, p):
+    a = 2 * np.pi * (p["cycles"] + 1) * u * p["sign"]
+    r = p["amp"] * 0.6 * (1 - u)
+    off = np.stack([r * np.cos(a) - p["amp"] * 0.6, r * np.sin(a)], 1)
+    return off, _zeros(u), _ones(u)
+
+
+def _approach(u, p):
+    # A and B meet halfway and stay together
+    d = p["gap"][None, :] * (0.5 * np.minimum(u / 0.8, 1.0))[:, None]
+    return d, -d, _ones(u)
+
+
+def _collide(u, p):
+    # A and B meet halfway, then rebound back to where they started
+    s = np.where(u < 0.5, u / 0.5, (1 - u) / 0.5)
+    d = p["gap"][None, :] * (0.5 * s)[:, None]
+    return d, -d, _ones(u)
+
+
+def _swap(u, p):
+    # A and B exchange places along opposite arcs
+    gap = p["gap"]
+    normal = np.array([-gap[1], gap[0]])
+    arc = 0.5 * np.sin(np.pi * u)[:, None] * normal[None, :]
+    d = gap[None, :] * u[:, None]
+    return d + arc, -d - arc, _ones(u)
+
+
+def _zigzag(u, p):
+    x = p["sign"] * p["amp"] * u
+    tri = 2 * np.abs(((p["cycles"] * 2 * u) % 2) - 1) - 1  # triangle wave in [-1, 1]
+    y = 0.35 * p["amp"] * (tri - 1) / 2 * -1
+    return np.stack([x, y], 1), _zeros(u), _ones(u)
+
+
+def _pass_across(u, p):
+    x = p["sign"] * 1.6 * p["amp"] * u
+    return np.stack([x, np.zeros_like(u)], 1), _zeros(u), _ones(u)
+
+
+def _jump_arc(u, p):
+    x = p["sign"] * p["amp"] * u
+    y = -p["amp"] * 4 * u * (1 - u)
+    return np.stack([x, y], 1), _zeros(u), _ones(u)
+
+
+def _pulse(u, p):
+    scale = 1 + 0.8 * np.sin(np.pi * p["cycles"] * u) ** 2
+    return _zeros(u), _zeros(u), scale
+
+
+def _vibrate(u, p):
+    x = 0.12 * p["amp"] * np.sin(2 * np.pi * 6 * p["cycles"] * u)
+    return np.stack([x, np.zeros_like(u)], 1), _zeros(u), _ones(u)
+
+
+# Order matters: `--classes N` takes the first N.
+MOTIONS: dict[str, Motion] = {
+    "bounce": _bounce,
+    "orbit": _orbit,
+    "approach": _approach,
+    "swap": _swap,
+    "fall_rebound": _fall_rebound,
+    "pass_across": _pass_across,
+    "collide": _collide,
+    "zigzag": _zigzag,
+    "pulse": _pulse,
+    "spiral": _spiral,
+    "vibrate": _vibrate,
+    "jump_arc": _jump_arc,
+}
+CLASSES: list[str] = list(MOTIONS)
+
+
+@dataclass
+class SynthConfig:
+    num_classes: int = 12
+    videos_per_class: int = 20
+    seed: int = 0
+    height: int = 128
+    width: int = 128
+    fps: float = 25.0
+    min_frames: int = 64
+    max_frames: int = 128
+    action_min: float = 0.25  # fraction of the video the action occupies
+    action_max: float = 0.45
+    test_fraction: float = 0.25
+
+    def check(self) -> None:
+        if not 2 <= self.num_classes <= len(CLASSES):
+            raise CatnetError(f"--classes must be between 2 and {len(CLASSES)}, got {self.num_classes}")
+        if self.videos_per_class < 2:
+            raise CatnetError(f"--videos-per-class must be >= 2 (one train, one test), got "
+                              f"{self.videos_per_class}")
+        if min(self.height, self.width) < 32:
+            raise CatnetError(f"frame size must be at least 32x32, got {self.height}x{self.width}")
+        if not 8 <= self.min_frames <= self.max_frames:
+            raise CatnetError(f"need 8 <= min_frames <= max_frames, got {self.min_frames}, {self.max_frames}")
+        if not 0 < self.action_min <= self.action_max < 1:
+            raise CatnetError("need 0 < action_min <= action_max < 1")
+        if not 0 < self.test_fraction < 1:
+            raise CatnetError(f"test fraction must be in (0, 1), got {self.test_fraction}")
+
+
+# ------------------------------------------------------------------------------------- rendering
+
+
+def _smooth_walk(rng: np.random.Generator, t: int, speed: float, lo: float, hi: float) -> np.ndarray:
+    """(t, 2) positions of a smooth random walk that reflects off the box [lo, hi]^2."""
+    pos = np.empty((t, 2))
+    p = rng.uniform(lo, hi, 2)
+    v = rng.normal(0, 1, 2)
+    v *= speed / (np.linalg.norm(v) + 1e-9)
+    for i in range(t):
+        v = 0.92 * v + rng.normal(0, 0.35 * speed, 2)
+        n = np.linalg.norm(v)
+        if n > speed:
+            v *= speed / n
+        p = p + v
+        for k in range(2):  # reflect
+            if p[k] < lo:
+                p[k], v[k] = 2 * lo - p[k], abs(v[k])
+            elif p[k] > hi:
+                p[k], v[k] = 2 * hi - p[k], -abs(v[k])
+        pos[i] = p
+    return pos
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A float (h, w, 3) textured background: stripes, checks or blotches of a random colour pair."""
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    strength = rng.uniform(0.1, 0.6)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    kind = rng.integers(3)
+    if kind == 0:
+        ang, freq = rng.uniform(0, np.pi), rng.uniform(0.05, 0.3)
+        t = 0.5 + 0.5 * np.sin(freq * (xx * np.cos(ang) + yy * np.sin(ang)))
+    elif kind == 1:
+        cell = int(rng.integers(6, 20))
+        t = ((xx // cell + yy // cell) % 2).astype(np.float64)
+    else:
+        g = rng.uniform(0, 1, (h // 16 + 2, w // 16 + 2))
+        t = np.kron(g, np.ones((16, 16)))[:h, :w]
+    t = strength * t
+    return c0 * (1 - t[..., None]) + c1 * t[..., None]
+
+
+def _draw(frames: np.ndarray, cx: np.ndarray, cy: np.ndarray, r: np.ndarray, color: np.ndarray,
+          square: bool) -> None:
+    """Paint one object per frame (antialiased edge) into float frames (T, H, W, 3), in place."""
+    h, w = frames.shape[1:3]
+    color = color.astype(np.float32)
+    for i in range(len(frames)):  # only the object's bounding box: objects are small
+        x0, x1 = max(int(cx[i] - r[i]) - 1, 0), min(int(cx[i] + r[i]) + 3, w)
+        y0, y1 = max(int(cy[i] - r[i]) - 1, 0), min(int(cy[i] + r[i]) + 3, h)
+        if x0 >= x1 or y0 >= y1:
+            continue
+        dx = np.arange(x0, x1, dtype=np.float32)[None, :] - np.float32(cx[i])
+        dy = np.arange(y0, y1, dtype=np.float32)[:, None] - np.float32(cy[i])
+        d = np.maximum(np.abs(dx), np.abs(dy)) if square else np.sqrt(dx * dx + dy * dy)
+        alpha = np.clip(np.float32(r[i]) - d + 0.5, 0, 1)[..., None]
+        patch = frames[i, y0:y1, x0:x1]
+        patch += alpha * (color - patch)
+
+
+@dataclass
+class VideoSpec:
+    """Everything that decides one video; `appearance_seed` alone decides all but the action."""
+
+    label: str
+    appearance_seed: int
+    motion_seed: int
+    num_frames: int
+    action_start: int
+    action_end: int  # exclusive
+
+
+def render(spec: VideoSpec, cfg: SynthConfig) -> np.ndarray:
+    """uint8 frames (T, H, W, 3) of one video."""
+    h, w, t = cfg.height, cfg.width, spec.num_frames
+    app = np.random.default_rng(spec.appearance_seed)  # class-independent stream
+    mot = np.random.default_rng(spec.motion_seed)
+
+    margin = 6
+    bg = _background(app, h + 2 * margin, w + 2 * margin)
+    shake_amp = app.uniform(0, 3)
+    shake = np.cumsum(app.normal(0, 1, (t, 2)), 0)
+    shake = np.round(shake_amp * shake / (np.abs(shake).max() + 1e-9)).astype(int) + margin
+    noise = app.uniform(0, 8)
+    size = min(h, w)
+    drift = app.uniform(0.002, 0.006)
+
+    # actors A, B then 1-2 distractors; positions in frame units
+    n_distract = int(app.integers(1, 3))
+    objs = []
+    for k in range(2 + n_distract):
+        actor = k < 2
+        objs.append(dict(
+            pos=_smooth_walk(app, t, drift if actor else drift * 2.5, 0.3 if actor else 0.1,
+                             0.7 if actor else 0.9),
+            r=np.full(t, size * app.uniform(0.04, 0.09)),
+            color=app.uniform(0, 255, 3),
+            square=bool(app.integers(2)),
+        ))
+
+    # the action: displacements of A and B (and A's size) over the action frames only
+    s, e = spec.action_start, spec.action_end
+    u = np.clip((np.arange(t) - s) / max(e - s - 1, 1), 0, 1)
+    a0, b0 = objs[0]["pos"][s], objs[1]["pos"][s]
+    gap = b0 - a0
+    if np.linalg.norm(gap) < 0.2:  # two-actor motions need room between the actors
+        gap = gap / (np.linalg.norm(gap) + 1e-9) * 0.2 if np.linalg.norm(gap) > 1e-6 else np.array([0.2, 0])
+    params = dict(amp=mot.uniform(0.18, 0.3), cycles=int(mot.integers(2, 4)),
+                  sign=float(mot.choice([-1, 1])), gap=gap)
+    off_a, off_b, scale = MOTIONS[spec.label](u, params)
+    objs[0]["pos"] = objs[0]["pos"] + off_a
+    objs[1]["pos"] = objs[1]["pos"] + off_b
+    objs[0]["r"] = objs[0]["r"] * scale
+
+    frames = np.empty((t, h, w, 3), np.float32)
+    for i in range(t):
+        oy, ox = shake[i]
+        frames[i] = bg[oy: oy + h, ox: ox + w]
+    for o in reversed(objs):  # distractors first, actor A on top
+        r = o["r"]
+        cx = np.clip(o["pos"][:, 0] * w, r, w - 1 - r) + shake[:, 1] - margin
+        cy = np.clip(o["pos"][:, 1] * h, r, h - 1 - r) + shake[:, 0] - margin
+        _draw(frames, cx, cy, r, o["color"], o["square"])
+    # luminance noise: one field per frame, shared by the channels (a third of the cost of RGB noise)
+    frames += app.standard_normal((t, h, w, 1), dtype=np.float32) * np.float32(noise)
+    return np.clip(frames, 0, 255, out=frames).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------- dataset
+
+
+def plan(cfg: SynthConfig) -> list[tuple[str, str, VideoSpec]]:
+    """(video id, split, spec) for every video, deterministic from cfg.seed."""
+    cfg.check()
+    rng = np.random.default_rng(cfg.seed)
+    out = []
+    for label in CLASSES[: cfg.num_classes]:
+        n = cfg.videos_per_class
+        n_test = min(max(1, round(n * cfg.test_fraction)), n - 1)
+        test = set(rng.permutation(n)[:n_test].tolist())
+        for i in range(n):
+            t = int(rng.integers(cfg.min_frames, cfg.max_frames + 1))
+            length = max(4, int(round(t * rng.uniform(cfg.action_min, cfg.action_max))))
+            start = int(rng.integers(0, t - length + 1))
+            spec = VideoSpec(label, int(rng.integers(2 ** 31)), int(rng.integers(2 ** 31)), t, start,
+                             start + length)
+            out.append((f"{label}_{i:03d}", "test" if i in test else "train", spec))
+    return out
+
+
+def _write_mp4(path: Path, frames: np.ndarray, fps: float) -> None:
+    from catnet.video.encode import write_video
+
+    # encode beside the target, then rename: a killed run never leaves a half-written video.
+    # Note: the encoded bytes are not bit-exact from run to run on this PyAV/x264 build (seen even with
+    # threads=1); the rendered pixels, labels, splits and segments are exact.
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    write_video(tmp, frames, fps=fps, options={"preset": "veryfast", "crf": "18"})
+    os.replace(tmp, path)
+
+
+def generate(out: str | os.PathLike, cfg: SynthConfig | None = None, progress: bool = True) -> Path:
+    """Write the dataset to `out` (see module docstring); an existing complete copy with the same
+    config is reused as is. Returns the annotation file."""
+    from tqdm import tqdm
+
+    cfg = cfg or SynthConfig()
+    out = Path(out)
+    items = plan(cfg)
+    marker = out / "synth.json"
+    if marker.is_file():
+        try:
+            if json.loads(marker.read_text()).get("config") == asdict(cfg):
+                return out / "annotations.csv"
+        except (OSError, ValueError):
+            pass
+        marker.unlink()  # a different config: regenerate over it
+    if out.exists() and not out.is_dir():
+        raise CatnetError(f"{out} exists and is not a directory")
+    segments = {}
+    rows = io.StringIO()
+    writer = csv.writer(rows, lineterminator="\n")
+    writer.writerow(["path", "label", "split"])
+    for vid, split, spec in tqdm(items, desc="synth videos", unit="video", disable=not progress,
+                                 file=sys.stderr):
+        rel = f"{spec.label}/{vid}.mp4"
+        path = out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.is_file():  # a file present here was renamed into place complete
+            _write_mp4(path, render(spec, cfg), cfg.fps)
+        writer.writerow([rel, spec.label, split])
+        segments[vid] = dict(path=rel, label=spec.label, split=split, num_frames=spec.num_frames,
+                             fps=cfg.fps, action_start=spec.action_start, action_end=spec.action_end,
+                             action_start_s=spec.action_start / cfg.fps,
+                             action_end_s=spec.action_end / cfg.fps)
+    atomic_write_text(out / "annotations.csv", rows.getvalue())
+    atomic_write_json(out / "segments.json", segments)
+    atomic_write_json(marker, {"config": asdict(cfg), "classes": CLASSES[: cfg.num_classes]})
+    return out / "annotations.csv"
+
+
+def load_segments(root: str | os.PathLike) -> dict[str, dict]:
+    """The action segments of a synthetic dataset, keyed by video id (file stem); {} if there are none."""
+    path = Path(root) / "segments.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = SynthConfig()
+    p.add_argument("out", help="output folder")
+    p.add_argument("--classes", type=int, default=d.num_classes, help=f"number of classes (2-{len(CLASSES)})")
+    p.add_argument("--videos-per-class", type=int, default=d.videos_per_class)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--size", type=int, default=d.height, help="frame height and width in pixels")
+    p.add_argument("--min-frames", type=int, default=d.min_frames)
+    p.add_argument("--max-frames", type=int, default=d.max_frames)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace) -> SynthConfig:
+    return SynthConfig(num_classes=args.classes, videos_per_class=args.videos_per_class, seed=args.seed,
+                       height=args.size, width=args.size, min_frames=args.min_frames,
+                       max_frames=args.max_frames)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    ann = generate(args.out, cfg, progress=not args.no_progress)
+    n = cfg.num_classes * cfg.videos_per_class
+    print(f"{n} videos of {cfg.num_classes} classes in {args.out}; annotations: {ann}")
+    return 0

@@ -1,0 +1,470 @@
+"""The feature store: per-video clip features in crash-safe safetensors shards, read lazily.
+
+Layout (see docs/feature_store.md):
+
+    STORE/manifest.json            backbone, weights_id, sampling + spatial config, classes, versions
+    STORE/shards/PREFIX-SEQ.safetensors
+                                   `features` (sum V, D) fp16, `offsets` (n+1,) int64 rows per video,
+                                   `times` (sum K, 2) float32 clip start/end seconds, `labels` (n,) int64;
+                                   metadata["videos"] = JSON list of {id, path, label, split, num_clips,
+                                   num_crops}
+    STORE/failures/PREFIX.jsonl    one JSON line per failed video: {id, path, reason}
+
+A shard is only ever created by an atomic rename, so a reader (or a resumed writer) sees whole shards
+or none. Writers name shards by a prefix (one per torchrun rank) so many processes can fill one store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from catnet.errors import CatnetError
+from catnet.io import atomic_write, atomic_write_json
+
+FORMAT = "catnet-feature-store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARDS = "shards"
+FAILURES = "failures"
+SHARD_SUFFIX = ".safetensors"
+
+# Manifest keys that define what the features *are*; a store refuses writers that disagree on any.
+COMPAT_KEYS = ("format_version", "backbone", "weights_id", "num_features", "sampling", "spatial", "classes")
+
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+@dataclass
+class VideoFeatures:
+    """One video's clip features. View v of clip k under crop c is row v = k * num_crops + c."""
+
+    id: str
+    path: str
+    label: int  # index into the store's classes, -1 when unknown
+    split: str
+    features: np.ndarray  # (V, D) float32, V = num_clips * num_crops
+    times: np.ndarray  # (K, 2) float32 clip start/end in seconds
+    num_clips: int
+    num_crops: int
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def read_shard_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of a safetensors file, read directly: opening 10^4 shards stays cheap."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise ValueError("file shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            size = path.stat().st_size
+            if n > size - 8:
+                raise ValueError("header length beyond end of file")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            raise ValueError("tensor data beyond end of file (truncated copy?)")
+        return header
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CatnetError(f"corrupt feature shard {path}: {e}; delete it and rerun extraction") from None
+
+
+def read_shard_videos(path: Path) -> list[dict[str, Any]]:
+    meta = read_shard_header(path).get("__metadata__") or {}
+    try:
+        return json.loads(meta["videos"])
+    except (KeyError, ValueError):
+        raise CatnetError(f"feature shard {path} has no 'videos' metadata (not a catnet shard)") from None
+
+
+def _read_failures(root: Path) -> list[dict[str, Any]]:
+    out = []
+    for p in sorted((root / FAILURES).glob("*.jsonl")):
+        for line in p.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut by power loss mid-append; the video is simply retried
+            if isinstance(rec, dict) and "id" in rec:
+                out.append(rec)
+    return out
+
+
+class FeatureStore:
+    """Read a feature store: `store[id_or_index] -> VideoFeatures`, `len`, iteration, splits.
+
+    Opening reads only the manifest and shard headers; features are read per video from
+    memory-mapped shards, with at most `max_open` shards open at a time (LRU). Videos are ordered
+    by id, so a store reads the same whichever number of processes wrote it.
+    """
+
+    def __init__(self, path: str | os.PathLike, max_open: int = 32):
+        self.root = Path(path)
+        if not (self.root / MANIFEST).is_file():
+            if not self.root.exists():
+                raise CatnetError(f"feature store not found: {self.root}")
+            raise CatnetError(f"{self.root} is not a feature store (no {MANIFEST})")
+        try:
+            self.manifest: dict[str, Any] = json.loads((self.root / MANIFEST).read_text())
+        except ValueError as e:
+            raise CatnetError(f"corrupt manifest in {self.root}: {e}") from None
+        if self.manifest.get("format") != FORMAT:
+            raise CatnetError(f"{self.root / MANIFEST} is not a catnet feature-store manifest")
+        if self.manifest.get("format_version", 0) > FORMAT_VERSION:
+            raise CatnetError(f"feature store {self.root} has format version "
+                              f"{self.manifest['format_version']}; this catnet reads <= {FORMAT_VERSION}")
+        self.max_open = max(1, int(max_open))
+        self._index: list[tuple[str, int, dict[str, Any]]] | None = None  # (shard name, row, record)
+        self._by_id: dict[str, int] = {}
+        self._ids: list[str] = []
+        self._labels = np.zeros(0, np.int64)
+        self._open: OrderedDict[str, Any] = OrderedDict()
+        self._offsets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    # pickling (DataLoader workers) drops open handles; each process reopens its own.
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()
+        return state
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest.get("classes") or [])
+
+    @property
+    def shards(self) -> list[Path]:
+        return sorted((self.root / SHARDS).glob("*" + SHARD_SUFFIX))
+
+    def _build_index(self) -> list[tuple[str, int, dict[str, Any]]]:
+        if self._index is None:
+            entries: dict[str, tuple[str, int, dict[str, Any]]] = {}
+            for shard in self.shards:
+                for row, rec in enumerate(read_shard_videos(shard)):
+                    entries.setdefault(rec["id"], (shard.name, row, rec))  # first shard wins on duplicates
+            self._index = [entries[k] for k in sorted(entries)]
+            self._by_id = {rec["id"]: i for i, (_, _, rec) in enumerate(self._index)}
+            self._ids = [rec["id"] for _, _, rec in self._index]
+            self._labels = np.array([rec["label"] for _, _, rec in self._index], dtype=np.int64)
+        return self._index
+
+    @property
+    def ids(self) -> list[str]:
+        """Video ids in store order (sorted); a shared list, do not modify."""
+        self._build_index()
+        return self._ids
+
+    def __len__(self) -> int:
+        return len(self._build_index())
+
+    def __contains__(self, video_id: str) -> bool:
+        self._build_index()
+        return video_id in self._by_id
+
+    def records(self) -> list[dict[str, Any]]:
+        """Per-video metadata (id, path, label, split, num_clips, num_crops) without reading features."""
+        return [dict(rec) for _, _, rec in self._build_index()]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(N,) int64 class indices in store order, -1 for unlabelled videos."""
+        self._build_index()
+        return self._labels.copy()
+
+    def split(self, name: str) -> list[int]:
+        """Indices of the videos in split `name` (e.g. "train", "val", "test1")."""
+        return [i for i, (_, _, rec) in enumerate(self._build_index()) if rec.get("split") == name]
+
+    @property
+    def failures(self) -> list[dict[str, Any]]:
+        """Failed videos still missing from the store, one record per id (the latest reason)."""
+        self._build_index()
+        latest = {rec["id"]: rec for rec in _read_failures(self.root)}
+        return [rec for vid, rec in sorted(latest.items()) if vid not in self._by_id]
+
+    def _handle(self, shard: str):
+        f = self._open.pop(shard, None)
+        if f is None:
+            f = safe_open(str(self.root / SHARDS / shard), framework="numpy")
+            while len(self._open) >= self.max_open:
+                self._open.popitem(last=False)  # dropping the handle unmaps the file
+        self._open[shard] = f
+        return f
+
+    def _shard_offsets(self, shard: str, f) -> tuple[np.ndarray, np.ndarray]:
+        if shard not in self._offsets:
+            offsets = f.get_tensor("offsets").astype(np.int64)
+            recs = read_shard_videos(self.root / SHARDS / shard)
+            clip_offsets = np.concatenate([[0], np.cumsum([r["num_clips"] for r in recs])]).astype(np.int64)
+            self._offsets[shard] = (offsets, clip_offsets)
+        return self._offsets[shard]
+
+    def __getitem__(self, key: int | str) -> VideoFeatures:
+        index = self._build_index()
+        if isinstance(key, str):
+            if key not in self._by_id:
+                raise KeyError(key)
+            key = self._by_id[key]
+        shard, row, rec = index[key]
+        f = self._handle(shard)
+        offsets, clip_offsets = self._shard_offsets(shard, f)
+        feats = f.get_slice("features")[int(offsets[row]): int(offsets[row + 1])]
+        times = f.get_slice("times")[int(clip_offsets[row]): int(clip_offsets[row + 1])]
+        return VideoFeatures(id=rec["id"], path=rec.get("path", ""), label=int(rec["label"]),
+                             split=rec.get("split", ""), features=np.asarray(feats, dtype=np.float32),
+                             times=np.asarray(times, dtype=np.float32), num_clips=int(rec["num_clips"]),
+                             num_crops=int(rec["num_crops"]))
+
+    def __iter__(self) -> Iterator[VideoFeatures]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.root)!r}, backbone={self.manifest.get('backbone')!r})"
+
+    @staticmethod
+    def write_synthetic(path: str | os.PathLike, features: np.ndarray | Sequence[np.ndarray],
+                        labels: Sequence[int], classes: Sequence[str], *, ids: Sequence[str] | None = None,
+                        splits: Sequence[str] | str = "train", times: Sequence[np.ndarray] | None = None,
+                        num_crops: int = 1, shard_size: int = 16, backbone: str = "synthetic",
+                        **manifest_extra: Any) -> FeatureStore:
+        """Fabricate a store from arrays, for tests and toy data.
+
+        `features` is (N, V, D) or a list of (V_i, D); V_i must be a multiple of `num_crops`.
+        Clip times default to consecutive one-second clips.
+        """
+        feats = [np.asarray(x, dtype=np.float32) for x in features]
+        n = len(feats)
+        if n == 0 or any(x.ndim != 2 for x in feats):
+            raise CatnetError("write_synthetic needs a non-empty list of (V, D) feature arrays")
+        dims = {x.shape[1] for x in feats}
+        if len(dims) != 1:
+            raise CatnetError(f"all videos need the same feature dim, got {sorted(dims)}")
+        if len(labels) != n:
+            raise CatnetError(f"{len(labels)} labels for {n} videos")
+        ids = list(ids) if ids is not None else [f"video{i:06d}" for i in range(n)]
+        splits = [splits] * n if isinstance(splits, str) else list(splits)
+        manifest = make_manifest(backbone=backbone, weights_id=manifest_extra.pop("weights_id", "synthetic"),
+                                 num_features=dims.pop(), sampling=manifest_extra.pop("sampling", {}),
+                                 spatial=manifest_extra.pop("spatial", {"num_crops": num_crops}),
+                                 classes=list(classes), **manifest_extra)
+        with StoreWriter(path, manifest, shard_size=shard_size, flush_seconds=None) as writer:
+            for i, x in enumerate(feats):
+                k = x.shape[0] // num_crops
+                t = times[i] if times is not None else np.stack([np.arange(k), np.arange(k) + 1.0], 1)
+                writer.add(ids[i], x, t, label=int(labels[i]), split=splits[i], num_crops=num_crops)
+        return FeatureStore(path)
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def make_manifest(*, backbone: str, weights_id: str, num_features: int, sampling: dict[str, Any],
+                  spatial: dict[str, Any], classes: list[str], **extra: Any) -> dict[str, Any]:
+    """A manifest dict: what produced the features, plus library versions for provenance."""
+    import safetensors
+    import torch
+
+    import catnet
+
+    try:
+        import av
+
+        av_version = av.__version__
+    except ImportError:  # a store can be written (synthetic) on a machine without PyAV
+        av_version = None
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "backbone": backbone,
+            "weights_id": weights_id, "num_features": int(num_features), "sampling": dict(sampling),
+            "spatial": dict(spatial), "classes": list(classes), "feature_dtype": "float16",
+            "versions": {"catnet": catnet.__version__, "torch": torch.__version__, "av": av_version,
+                         "numpy": np.__version__, "safetensors": safetensors.__version__},
+            **extra}
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))  # tuples -> lists, so comparisons with a stored manifest work
+
+
+def manifest_mismatch(existing: dict[str, Any], new: dict[str, Any],
+                      keys: Sequence[str] = COMPAT_KEYS) -> list[str]:
+    """The `keys` on which two manifests disagree, as 'key: old != new' strings."""
+    existing, new = _jsonable(existing), _jsonable(new)
+    out = []
+    for key in keys:
+        a, b = existing.get(key), new.get(key)
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):
+                diff = [f"{key}.{k}: {a.get(k)!r} != {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                        if a.get(k) != b.get(k)]
+                out.extend(diff)
+            elif key == "classes":
+                out.append(f"classes: {len(a or [])} stored != {len(b or [])} requested (or different names)")
+            else:
+                out.append(f"{key}: {a!r} != {b!r}")
+    return out
+
+
+class StoreWriter:
+    """Append videos to a store; every `shard_size` videos (or `flush_seconds`) become one shard.
+
+    Opening checks `manifest` against an existing store's and refuses a mismatch (CatnetError), writes
+    the manifest if the store is new, and removes temporaries a killed writer with the same prefix
+    left behind. Use one prefix per concurrent writer (extraction uses `rank000`, `rank001`, ...).
+    Failures are appended (and fsynced) to failures/PREFIX.jsonl immediately.
+    """
+
+    def __init__(self, path: str | os.PathLike, manifest: dict[str, Any], *, prefix: str = "rank000",
+                 shard_size: int = 16, flush_seconds: float | None = 60.0):
+        if not _PREFIX_RE.match(prefix):
+            raise CatnetError(f"shard prefix must be letters, digits or '_', got {prefix!r}")
+        if shard_size < 1:
+            raise CatnetError(f"shard size must be >= 1, got {shard_size}")
+        self.root = Path(path)
+        self.prefix = prefix
+        self.shard_size = shard_size
+        self.flush_seconds = flush_seconds
+        if self.root.exists() and not self.root.is_dir():
+            raise CatnetError(f"feature store path {self.root} exists and is not a directory")
+        (self.root / SHARDS).mkdir(parents=True, exist_ok=True)
+        (self.root / FAILURES).mkdir(parents=True, exist_ok=True)
+        self.manifest = check_or_write_manifest(self.root, manifest)
+        self._remove_stale_temps()
+        seqs = [int(p.stem.rsplit("-", 1)[1]) for p in (self.root / SHARDS).glob(f"{prefix}-*{SHARD_SUFFIX}")
+                if p.stem.rsplit("-", 1)[1].isdigit()]
+        self._seq = max(seqs, default=-1) + 1
+        self._buf: list[tuple[dict[str, Any], np.ndarray, np.ndarray]] = []
+        self._last_flush = time.monotonic()
+        self.num_written = 0
+        self.num_failed = 0
+        self.shards_written: list[Path] = []
+
+    def _remove_stale_temps(self) -> None:
+        # only our own prefix: another rank may be mid-write right now
+        for p in (self.root / SHARDS).glob(f".{self.prefix}-*.tmp"):
+            p.unlink(missing_ok=True)
+
+    def add(self, video_id: str, features: np.ndarray, times: np.ndarray, *, label: int = -1,
+            split: str = "", path: str = "", num_crops: int = 1) -> None:
+        """Buffer one video's (V, D) features and (K, 2) clip times; flushes when due."""
+        features = np.asarray(features)
+        times = np.asarray(times, dtype=np.float32).reshape(-1, 2)
+        if features.ndim != 2 or features.shape[0] == 0:
+            raise CatnetError(f"features of {video_id!r} must be (V, D) with V > 0, got {features.shape}")
+        if features.shape[0] != times.shape[0] * num_crops:
+            raise CatnetError(f"{video_id!r}: {features.shape[0]} views != {times.shape[0]} clips x "
+                              f"{num_crops} crops")
+        d = self.manifest.get("num_features")
+        if d and features.shape[1] != d:
+            raise CatnetError(f"{video_id!r}: feature dim {features.shape[1]} != store's {d}")
+        rec = {"id": str(video_id), "path": str(path), "label": int(label), "split": str(split),
+               "num_clips": int(times.shape[0]), "num_crops": int(num_crops)}
+        self._buf.append((rec, features.astype(np.float16), times))
+        if len(self._buf) >= self.shard_size or (
+                self.flush_seconds is not None and time.monotonic() - self._last_flush >= self.flush_seconds):
+            self.flush()
+
+    def add_failure(self, video_id: str, path: str, reason: str) -> None:
+        line = json.dumps({"id": str(video_id), "path": str(path), "reason": str(reason)}) + "\n"
+        # one small O_APPEND write + fsync: a kill leaves either the whole line or none of it
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        fd = os.open(self.root / FAILURES / f"{self.prefix}.jsonl", flags, 0o644)
+        try:
+            os.write(fd, line.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.num_failed += 1
+
+    def flush(self) -> Path | None:
+        """Write the buffered videos as one shard (atomically); returns its path, None if nothing to do."""
+        self._last_flush = time.monotonic()
+        if not self._buf:
+            return None
+        recs = [r for r, _, _ in self._buf]
+        feats = np.concatenate([f for _, f, _ in self._buf])
+        tensors = {
+            "features": np.ascontiguousarray(feats),
+            "offsets": np.concatenate([[0], np.cumsum([len(f) for _, f, _ in self._buf])]).astype(np.int64),
+            "times": np.ascontiguousarray(np.concatenate([t for _, _, t in self._buf])),
+            "labels": np.array([r["label"] for r in recs], dtype=np.int64),
+        }
+        metadata = {"videos": json.dumps(recs), "format": FORMAT, "format_version": str(FORMAT_VERSION)}
+        path = self.root / SHARDS / f"{self.prefix}-{self._seq:06d}{SHARD_SUFFIX}"
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        self._seq += 1
+        self.num_written += len(recs)
+        self._buf.clear()
+        self.shards_written.append(path)
+        return path
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # on an exception keep what was finished: losing buffered videos would only mean redoing them
+        self.flush()
+
+
+def check_manifest(root: str | os.PathLike, manifest: dict[str, Any],
+                   keys: Sequence[str] = COMPAT_KEYS) -> dict[str, Any] | None:
+    """The existing manifest of store `root` (None if new); CatnetError if it differs on `keys`."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        existing = json.loads(path.read_text())
+    except ValueError as e:
+        raise CatnetError(f"corrupt manifest {path}: {e}") from None
+    diff = manifest_mismatch(existing, manifest, keys)
+    if diff:
+        raise CatnetError(f"{root} was extracted with different settings ({'; '.join(diff[:4])}); "
+                          "use a new --out folder or the same settings")
+    return existing
+
+
+def check_or_write_manifest(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Refuse a store made with different settings; create the manifest of a new store.
+
+    Several ranks may race here on a new store: each writes the same manifest atomically, so the
+    last rename wins with identical compat keys.
+    """
+    existing = check_manifest(root, manifest)
+    if existing is not None:
+        return existing
+    path = root / MANIFEST
+    for p in root.glob(f".{MANIFEST}.*.tmp"):
+        if time.time() - p.stat().st_mtime > 60:  # a fresh one may be another rank's, mid-write
+            p.unlink(missing_ok=True)
+    atomic_write_json(path, _jsonable(manifest))
+    return _jsonable(manifest)
+
+
+def done_and_failed(root: str | os.PathLike) -> tuple[set[str], set[str]]:
+    """Ids already in the store's shards, and ids recorded as failed (and not since finished)."""
+    root = Path(root)
+    done = set()
+    for shard in sorted((root / SHARDS).glob("*" + SHARD_SUFFIX)):
+        done.update(rec["id"] for rec in read_shard_videos(shard))
+    failed = {rec["id"] for rec in _read_failures(root)} - done
+    return done, failed

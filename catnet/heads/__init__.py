@@ -1,0 +1,110 @@
+"""Video-level heads: clip features (B, K, D) + mask (B, K) -> logits (B, C).
+
+    head = build_head("catnet", in_dim=2048, num_classes=400, num_heads=32, aggregation="concat")
+    logits = head(x, mask)                       # (B, C)
+    out = head.forward_attention(x, mask)        # {"logits", "alpha" (B, N, K) | None, "beta" (B, N) | None}
+    same = head_from_config(to_dict(head.config))  # what run.json stores
+
+Names: `catnet`, `local` and `avgpool` are presets of one module (catnet.py, paper Table 1);
+`attention_clusters`, `netvlad`, `lstm` are the aggregation baselines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from catnet.config import from_dict, load_yaml
+from catnet.errors import CatnetError
+from catnet.heads.attention_clusters import AttentionClustersConfig, AttentionClustersHead
+from catnet.heads.catnet import PRESETS, CATNetConfig, CATNetHead
+from catnet.heads.common import HeadConfig, VideoHead, masked_softmax
+from catnet.heads.lstm import LSTMConfig, LSTMHead
+from catnet.heads.netvlad import NetVLADConfig, NetVLADHead
+
+# name -> (config class, module class, preset options)
+_REGISTRY: dict[str, tuple[type[HeadConfig], type[VideoHead], dict[str, Any]]] = {
+    "catnet": (CATNetConfig, CATNetHead, PRESETS["catnet"]),
+    "local": (CATNetConfig, CATNetHead, PRESETS["local"]),
+    "avgpool": (CATNetConfig, CATNetHead, PRESETS["avgpool"]),
+    "attention_clusters": (AttentionClustersConfig, AttentionClustersHead, {}),
+    "netvlad": (NetVLADConfig, NetVLADHead, {}),
+    "lstm": (LSTMConfig, LSTMHead, {}),
+}
+HEADS: list[str] = list(_REGISTRY)
+
+TABLE2_HEADS = (1, 4, 8, 16, 32, 64)
+
+__all__ = [
+    "HEADS",
+    "AttentionClustersConfig",
+    "CATNetConfig",
+    "HeadConfig",
+    "LSTMConfig",
+    "NetVLADConfig",
+    "VideoHead",
+    "build_head",
+    "head_from_config",
+    "load_head_preset",
+    "masked_softmax",
+    "table1_variants",
+    "table2_variants",
+    "variant_label",
+]
+
+
+def _lookup(name: str):
+    if name not in _REGISTRY:
+        raise CatnetError(f"unknown head {name!r}; choose from {', '.join(HEADS)}")
+    return _REGISTRY[name]
+
+
+def build_head(name: str, in_dim: int, num_classes: int, **options: Any) -> nn.Module:
+    """A head by name; `options` override the name's preset and the config defaults."""
+    _, _, preset = _lookup(name)
+    return head_from_config({**preset, **options, "name": name, "in_dim": in_dim, "num_classes": num_classes})
+
+
+def head_from_config(d: dict[str, Any]) -> nn.Module:
+    """Rebuild a head from the plain dict of its config (`dataclasses.asdict(head.config)`)."""
+    if not isinstance(d, dict) or "name" not in d:
+        raise CatnetError("a head config must be a mapping with a 'name' key")
+    config_cls, head_cls, preset = _lookup(d["name"])
+    return head_cls(from_dict(config_cls, {**preset, **d}))
+
+
+def load_head_preset(path: str | Path) -> tuple[str, dict[str, Any]]:
+    """(name, options) from a YAML preset such as configs/heads/catnet.yaml, checked against the config."""
+    data = load_yaml(path)
+    name = data.pop("name", None)
+    if name is None:
+        raise CatnetError(f"head preset {path} has no 'name' key")
+    _lookup(name)
+    build_head(name, 1, 1, **data)  # validates keys and values now rather than at training time
+    return name, data
+
+
+def table1_variants() -> list[tuple[str, dict[str, Any]]]:
+    """The rows of the paper's Table 1, in order: baseline, local w/o and w/ FC-Norm, CATNet."""
+    return [("avgpool", {}), ("local", {"fc_norm": False}), ("local", {"fc_norm": True}), ("catnet", {})]
+
+
+def table2_variants() -> list[tuple[str, dict[str, Any]]]:
+    """Table 2: N in {1, 4, 8, 16, 32, 64} x {concatenation, summation}, both with full CATNet."""
+    aggs = ("concat", "sum")
+    return [("catnet", {"num_heads": n, "aggregation": agg}) for n in TABLE2_HEADS for agg in aggs]
+
+
+def variant_label(name: str, options: dict[str, Any]) -> str:
+    """A short human name for a (name, options) variant, e.g. for table rows and plot legends."""
+    if name == "avgpool":
+        return "avgpool (baseline)"
+    if name == "local":
+        return "local w/ FC-Norm" if options.get("fc_norm", True) else "local w/o FC-Norm"
+    if name == "catnet" and options:
+        n = options.get("num_heads", CATNetConfig.num_heads)
+        return f"catnet N={n} {options.get('aggregation', CATNetConfig.aggregation)}"
+    extra = " ".join(f"{k}={v}" for k, v in sorted(options.items()))
+    return f"{name} {extra}".strip()

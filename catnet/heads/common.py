@@ -1,0 +1,116 @@
+"""Pieces every video-level head shares: the base config, input checks and masking helpers.
+
+All heads take clip features `x` (B, K, D) and an optional boolean `mask` (B, K), True = valid clip.
+Masking is done with `torch.where` and finite fills only, never with Python branches on values, so
+every head stays traceable by torch.export and the ONNX exporter with dynamic B and K.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from catnet.errors import CatnetError
+
+# Small enough to never matter for real features, large enough to keep fp16 away from 0/0.
+NORM_EPS = 1e-6
+
+
+@dataclass
+class HeadConfig:
+    """Fields every head has. Subclasses add their own options."""
+
+    name: str
+    in_dim: int
+    num_classes: int
+    # Dropout on the video representation, just before the classifier. The paper does not say; 0.5 is
+    # the usual value for classifiers on I3D features (I3D, Non-local) and helps the small datasets.
+    dropout: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.in_dim < 1:
+            raise CatnetError(f"head in_dim must be >= 1, got {self.in_dim}")
+        if self.num_classes < 1:
+            raise CatnetError(f"head num_classes must be >= 1, got {self.num_classes}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise CatnetError(f"head dropout must be in [0, 1), got {self.dropout}")
+
+
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise CatnetError(f"head option {key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def check_positive(key: str, value: int) -> None:
+    if value < 1:
+        raise CatnetError(f"head option {key} must be >= 1, got {value}")
+
+
+class VideoHead(nn.Module):
+    """Base class: subclasses implement `_forward(x, mask) -> (logits, alpha | None, beta | None)`.
+
+    `x` reaching `_forward` already has masked clips zeroed, so no garbage (or NaN) in padding can leak
+    into a valid output, and `mask` is a bool tensor of shape (B, K).
+    """
+
+    config: HeadConfig
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x, mask = prepare_inputs(x, mask, self.config.in_dim)
+        return self._forward(x, mask)[0]
+
+    def forward_attention(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+        """Logits plus the local attention alpha (B, N, K) and global attention beta (B, N), or None."""
+        x, mask = prepare_inputs(x, mask, self.config.in_dim)
+        logits, alpha, beta = self._forward(x, mask)
+        return {"logits": logits, "alpha": alpha, "beta": beta}
+
+    def _forward(self, x: torch.Tensor, mask: torch.Tensor):
+        raise NotImplementedError
+
+
+def prepare_inputs(
+    x: torch.Tensor, mask: torch.Tensor | None, in_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check shapes (static checks only, so tracing is unaffected) and zero the masked clips."""
+    if x.dim() != 3:
+        raise CatnetError(f"head input must be clip features (B, K, D), got shape {tuple(x.shape)}")
+    if x.shape[-1] != in_dim:
+        raise CatnetError(f"head expects {in_dim}-d clip features, got {x.shape[-1]}-d")
+    if mask is None:
+        mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    else:
+        if mask.shape != x.shape[:2]:
+            raise CatnetError(f"mask must have shape (B, K) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+        mask = mask.to(torch.bool)
+    x = torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return x, mask
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax over `dim` restricted to `mask`; masked entries get exactly 0.
+
+    Masked scores are replaced by the dtype's most negative finite value rather than -inf, so a
+    fully-masked row gives a row of zeros instead of 0/0 = NaN.
+    """
+    fill = torch.full((), torch.finfo(scores.dtype).min, dtype=scores.dtype, device=scores.device)
+    probs = torch.softmax(torch.where(mask, scores, fill), dim=dim)
+    return probs * mask.to(probs.dtype)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` (B, K, D) over the valid clips; zeros for a video without any."""
+    w = mask.to(x.dtype).unsqueeze(-1)
+    return (x * w).sum(1) / w.sum(1).clamp(min=1.0)
+
+
+def l2_normalize_heads(y: torch.Tensor) -> torch.Tensor:
+    """y_i / (sqrt(N) ||y_i||_2) for each head i of y (B, N, D): Eq. (4)'s normalisation.
+
+    The sqrt(N) makes the concatenation of the N heads unit-norm as a whole.
+    """
+    return F.normalize(y, dim=-1, eps=NORM_EPS) / math.sqrt(y.shape[-2])

@@ -1,0 +1,84 @@
+"""Data parallel under torchrun (2 CPU processes, gloo) and the samplers behind it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from catnet.distributed import ShardSampler, TrainSampler
+from catnet.evaluate import evaluate
+from catnet.features import FeatureStore
+from catnet.train import load_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("n, world", [(7, 2), (10, 3), (2, 4), (0, 2)])
+def test_shard_sampler_neither_duplicates_nor_drops(n, world):
+    indices = list(range(100, 100 + n))
+    shards = [list(ShardSampler(indices, rank=r, world=world)) for r in range(world)]
+    assert sorted(sum(shards, [])) == indices
+    assert [len(ShardSampler(indices, rank=r, world=world)) for r in range(world)] == [len(s) for s in shards]
+
+
+def test_train_sampler_equal_steps_and_shared_order():
+    indices = list(range(11))
+    orders = [TrainSampler(indices, torch.Generator().manual_seed(3), rank=r, world=2).epoch_order()
+              for r in range(2)]
+    assert len(orders[0]) == len(orders[1]) == 6  # padded by wrapping: DDP needs equal step counts
+    assert set(orders[0]) | set(orders[1]) == set(indices)
+    g = torch.Generator().manual_seed(3)
+    s = TrainSampler(indices, g)
+    assert s.epoch_order() != s.epoch_order()  # a new permutation each epoch
+
+
+def test_torchrun_two_processes_reduce_eval_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((3, 8)) * 2
+    n_train, n_test = 14, 7  # 7 eval videos: not divisible by 2 ranks nor by the eval batch of 2
+    feats = [(centers[i % 3] + rng.standard_normal((2 * int(rng.integers(1, 5)), 8))).astype(np.float32)
+             for i in range(n_train + n_test)]
+    store = FeatureStore.write_synthetic(tmp_path / "s", feats, [i % 3 for i in range(len(feats))],
+                                         ["a", "b", "c"], splits=["train"] * n_train + ["test"] * n_test,
+                                         num_crops=2)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "catnet", "train", str(store.root), "--out", str(tmp_path / "run"), "--epochs", "2",
+           "--batch-size", "4", "--eval-batch-size", "2", "--lr", "0.1", "--train-views", "3",
+           "--head-opt", "num_heads=2", "--no-progress", "--json"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)  # exactly one JSON document: only rank 0 prints
+    assert summary["world_size"] == 2
+    final = summary["final"]
+    assert final["val_n"] == n_test
+
+    # the 2-process evaluation of the final weights equals a 1-process evaluation of them
+    head, info = load_run(tmp_path / "run", which="last")
+    assert info["world_size"] == 2
+    single = evaluate(head, store, "test", classes=info["classes"], batch_size=3)
+    assert single["n"] == n_test
+    for k in ("top1", "top5", "mean_class_acc"):
+        assert final[f"val_{k}"] == single[k]
+    assert final["val_loss"] == pytest.approx(single["loss"], rel=1e-5)
+    rngs = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["rng"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])  # per-rank RNG kept
+
+    # `catnet eval` under torchrun: same confusion matrix as in one process
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "catnet", "eval", str(tmp_path / "run"), "--store", str(store.root), "--which", "last",
+           "--batch-size", "2", "--json"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp_eval = json.loads(proc.stdout)
+    assert ddp_eval["n"] == n_test and ddp_eval["confusion"] == single["confusion"]
+    assert ddp_eval["per_class_acc"] == single["per_class_acc"] and ddp_eval["checkpoint"] == "last"
+    saved = json.loads((tmp_path / "run" / "eval" / "s" / "test" / "metrics.json").read_text())
+    assert saved["confusion"] == single["confusion"]

@@ -1,0 +1,58 @@
+"""`catnet demo --tiny` end to end (synth -> extract -> train Table 1/2 variants -> tables -> report),
+then again from its caches."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import yaml
+
+from catnet.cli import main
+from catnet.demo import DemoConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_tiny_demo_end_to_end_and_cached_rerun(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--tiny", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr()
+    assert "Table 1" in printed.out and "Table 2" in printed.out and "local w/ FC-Norm" in printed.out
+    res = json.loads((out / "results.json").read_text())
+    labels = [row[0] for row in res["table1"]]
+    assert labels == ["avgpool (baseline)", "attention_clusters", "local w/o FC-Norm", "local w/ FC-Norm",
+                      "catnet"]
+    assert [row[0] for row in res["table2"]] == ["1"]
+    assert len(res["runs"]) == 7  # 5 Table-1 rows + N=1 x {concat, sum}, one seed
+    for r in res["runs"].values():
+        assert 0 <= r["top1"] <= r["top5"] <= 1 and r["n"] == 3
+    md = (out / "report" / "report.md").read_text()
+    for png in ("fig4_class_delta.png", "fig5_accuracy_distribution.png", "fig6_attention.png"):
+        assert (out / "report" / png).is_file() and png in md
+    assert "### Table 1" in md and "random weights" in md
+    assert "attention" in json.loads((out / "report" / "report.json").read_text())
+
+    # a re-run reuses the dataset, the store and every run: no run is trained again
+    ckpts = sorted((out / "runs").glob("*/seed0/checkpoints/last.pt"))
+    assert len(ckpts) == 7
+    before = {p: p.stat().st_mtime_ns for p in ckpts}
+    assert main(["demo", "--tiny", "--out", str(out), "--no-progress"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in ckpts} == before
+    assert json.loads((out / "results.json").read_text())["runs"] == res["runs"]
+
+
+def test_configs_demo_yaml_matches_the_defaults():
+    data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    assert data == asdict(DemoConfig())
+
+
+def test_bad_demo_config_is_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("clases: 3\n")
+    assert main(["demo", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "clases" in capsys.readouterr().err
+    assert main(["demo", "--seeds", "0", "--out", str(tmp_path / "o")]) == 2

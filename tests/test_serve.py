@@ -1,0 +1,148 @@
+"""`catnet serve` over real HTTP (no browser): page, samples, predictions, upload limits."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import struct
+import threading
+import zlib
+from urllib.parse import quote
+
+import numpy as np
+import pytest
+import torch
+from test_predict import MeanColour, write_tiny_video
+
+from catnet.serve import App, find_samples, make_server, png_data_url
+
+LABELS = [f"action {i}" for i in range(6)]
+MAX_BYTES = 200_000
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from catnet.heads import build_head
+    from catnet.predict import Predictor
+    from catnet.video import ClipSampling, SpatialConfig
+
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CATNET_HOME", str(home))
+        torch.manual_seed(0)
+        head = build_head("local", in_dim=3, num_classes=len(LABELS), num_heads=2)
+        sampling, spatial = ClipSampling(4, 4, 2), SpatialConfig(40, 32, 1)
+        predictor = Predictor(MeanColour(), LABELS, sampling, spatial, head=head)
+        app = App(predictor, find_samples(), max_bytes=MAX_BYTES, model_name="tiny test model")
+        srv = make_server(app, "127.0.0.1", 0)
+        thread = threading.Thread(target=srv.serve_forever, daemon=True)
+        thread.start()
+        yield srv.server_address[1], home
+        srv.shutdown()
+        srv.server_close()
+
+
+def request(port, method, path, body=None, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.getheader("Content-Type"), resp.read()
+    finally:
+        conn.close()
+
+
+def upload(port, name, data, length=None):
+    headers = {"X-Filename": quote(name), "Content-Type": "application/octet-stream"}
+    if length is not None:  # announce more than is sent: the server must refuse from the header alone
+        headers["Content-Length"] = str(length)
+    return request(port, "POST", "/api/predict", body=data, headers=headers)
+
+
+def decode_png(url: str) -> np.ndarray:
+    """Minimal reader for the 8-bit RGB, filter-0 PNGs png_data_url writes."""
+    assert url.startswith("data:image/png;base64,")
+    png = base64.b64decode(url.split(",", 1)[1])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(png):
+        (n,), tag = struct.unpack(">I", png[pos:pos + 4]), png[pos + 4:pos + 8]
+        data = png[pos + 8:pos + 8 + n]
+        assert struct.unpack(">I", png[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(tag + data)
+        chunks[tag] = chunks.get(tag, b"") + data
+        pos += 12 + n
+    w, h = struct.unpack(">II", chunks[b"IHDR"][:8])
+    rows = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(h, 1 + 3 * w)
+    assert (rows[:, 0] == 0).all()
+    return rows[:, 1:].reshape(h, w, 3)
+
+
+def test_png_data_url_round_trips():
+    img = np.random.default_rng(0).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(decode_png(png_data_url(img)), img)
+
+
+def test_page_static_files_and_no_escape(server):
+    port, _ = server
+    status, kind, body = request(port, "GET", "/")
+    assert status == 200 and kind.startswith("text/html") and b'id="top5"' in body
+    status, kind, _ = request(port, "GET", "/static/app.js")
+    assert status == 200 and "javascript" in kind
+    assert request(port, "GET", "/static/../serve.py")[0] == 404
+    assert request(port, "GET", "/nope")[0] == 404
+
+
+def test_info_lists_the_generated_sample(server):
+    port, home = server
+    status, _, body = request(port, "GET", "/api/info")
+    info = json.loads(body)
+    assert status == 200 and info["samples"] == ["moving_square.mp4"]
+    assert (home / "samples" / "moving_square.mp4").is_file()
+    assert info["settings"] == {"clips": 4, "frames": 4, "crops": 1, "crop": 32}
+    assert info["attention"] is True and info["max_bytes"] == MAX_BYTES
+
+
+def test_predict_sample_gives_top5_timeline_and_keyframes(server):
+    port, _ = server
+    status, _, body = request(port, "POST", "/api/predict?sample=moving_square.mp4")
+    assert status == 200, body
+    r = json.loads(body)
+    assert r["video"] == "moving_square.mp4"
+    assert len(r["predictions"]) == 5 and {p["label"] for p in r["predictions"]} <= set(LABELS)
+    assert len(r["clips"]) == 4 and sum(c["attention"] for c in r["clips"]) == pytest.approx(1, abs=1e-4)
+    frames = r["keyframes"]
+    assert len(frames) == 3
+    att = [k["attention"] for k in frames]
+    assert att == sorted(att, reverse=True) and att[0] == max(c["attention"] for c in r["clips"])
+    for k in frames:
+        thumb = decode_png(k["image"])
+        assert thumb.shape[0] == 96 and thumb.std() > 0  # a real frame, not a blank
+
+
+def test_upload_a_video(server, tmp_path):
+    port, _ = server
+    video = write_tiny_video(tmp_path / "mine.mp4", frames=30)
+    status, _, body = upload(port, "my clip.mp4", video.read_bytes())
+    assert status == 200, body
+    r = json.loads(body)
+    assert r["video"] == "my clip.mp4" and len(r["predictions"]) == 5 and len(r["keyframes"]) == 3
+
+
+@pytest.mark.parametrize("name,data,length,code,message", [
+    ("big.mp4", b"\0" * 100, MAX_BYTES + 1, 413, "limit is"),
+    ("notes.txt", b"hello", None, 415, "unsupported file type"),
+    ("fake.mp4", b"this is not a video at all", None, 415, "not a readable video"),
+    ("empty.mp4", b"", None, 400, "empty upload"),
+])
+def test_bad_uploads_are_refused_with_a_message(server, name, data, length, code, message):
+    port, _ = server
+    status, kind, body = upload(port, name, data, length)
+    assert status == code and kind == "application/json"
+    assert message in json.loads(body)["error"]
+
+
+def test_unknown_sample_is_404(server):
+    port, _ = server
+    status, _, body = request(port, "POST", "/api/predict?sample=../../etc/passwd")
+    assert status == 404 and "no such sample" in json.loads(body)["error"]

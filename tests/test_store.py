@@ -1,0 +1,145 @@
+"""Feature store: round trip, lazy reads, plain-numpy readability, crash leftovers, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from catnet.errors import CatnetError
+from catnet.features import FeatureStore, StoreWriter, make_manifest
+from catnet.features.store import done_and_failed
+
+
+def _feats(n=5, v=6, d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((v, d)).astype(np.float32) for _ in range(n)]
+
+
+@pytest.fixture
+def store(tmp_path):
+    feats = _feats()
+    s = FeatureStore.write_synthetic(tmp_path / "s", feats, [0, 1, 0, 1, 1], ["a", "b"], num_crops=3,
+                                     shard_size=2, splits=["train", "train", "val", "train", "val"],
+                                     ids=["e", "d", "c", "b", "a"])
+    return s, feats
+
+
+def test_round_trip_and_access(store):
+    s, feats = store
+    assert len(s) == 5
+    assert s.ids == ["a", "b", "c", "d", "e"]  # ordered by id, whatever the write order
+    assert len(s.shards) == 3  # 2 + 2 + 1
+    v = s["b"]
+    assert v.features.dtype == np.float32 and v.features.shape == (6, 8)
+    np.testing.assert_allclose(v.features, feats[3], atol=2e-3)  # stored as fp16
+    assert (v.num_clips, v.num_crops, v.label, v.split) == (2, 3, 1, "train")
+    np.testing.assert_array_equal(v.times, [[0, 1], [1, 2]])
+    assert s[1].id == "b" and s[-1].id == "e"
+    assert [x.id for x in s] == s.ids
+    assert s.split("val") == [0, 2]  # "a" and "c"
+    assert s.classes == ["a", "b"]
+    np.testing.assert_array_equal(s.labels, [1, 1, 0, 1, 0])
+    with pytest.raises(KeyError):
+        s["nope"]
+
+
+def test_open_shards_are_bounded(tmp_path):
+    feats = _feats(n=8)
+    s = FeatureStore.write_synthetic(tmp_path / "s", feats, [0] * 8, ["x"], shard_size=1)
+    s = FeatureStore(s.root, max_open=2)
+    for i in range(8):
+        np.testing.assert_allclose(s[i].features, feats[i], atol=2e-3)
+        assert len(s._open) <= 2
+
+
+def test_store_pickles_for_dataloader_workers(store):
+    import pickle
+
+    s, feats = store
+    _ = s[0]
+    s2 = pickle.loads(pickle.dumps(s))
+    np.testing.assert_array_equal(s2["b"].features, s["b"].features)
+
+
+def test_readable_with_plain_numpy_and_json(store):
+    """A shard is read with safetensors.numpy + json only: no catnet code."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    s, feats = store
+    manifest = json.loads((s.root / "manifest.json").read_text())
+    assert manifest["num_features"] == 8 and manifest["classes"] == ["a", "b"]
+    seen = {}
+    for shard in sorted((s.root / "shards").glob("*.safetensors")):
+        t = load_file(str(shard))
+        with safe_open(str(shard), framework="numpy") as f:
+            videos = json.loads(f.metadata()["videos"])
+        assert t["features"].dtype == np.float16 and t["offsets"][-1] == len(t["features"])
+        for i, rec in enumerate(videos):
+            seen[rec["id"]] = t["features"][t["offsets"][i]: t["offsets"][i + 1]]
+            assert t["labels"][i] == rec["label"]
+    ids = ["e", "d", "c", "b", "a"]
+    for i, vid in enumerate(ids):
+        np.testing.assert_allclose(seen[vid].astype(np.float32), feats[i], atol=2e-3)
+
+
+def test_stale_temps_removed_and_numbering_continues(tmp_path):
+    man = make_manifest(backbone="b", weights_id="w", num_features=4, sampling={}, spatial={}, classes=[])
+    with StoreWriter(tmp_path / "s", man, shard_size=1) as w:
+        w.add("v0", np.ones((2, 4)), np.zeros((2, 2)))
+    stale = tmp_path / "s" / "shards" / ".rank000-000001.safetensors.abc.tmp"
+    other = tmp_path / "s" / "shards" / ".rank001-000000.safetensors.abc.tmp"  # another rank, maybe live
+    stale.write_bytes(b"half a shard")
+    other.write_bytes(b"half a shard")
+    with StoreWriter(tmp_path / "s", man, shard_size=1) as w:
+        w.add("v1", np.ones((2, 4)), np.zeros((2, 2)))
+    assert not stale.exists() and other.exists()
+    names = sorted(p.name for p in (tmp_path / "s" / "shards").glob("*.safetensors"))
+    assert names == ["rank000-000000.safetensors", "rank000-000001.safetensors"]
+    assert FeatureStore(tmp_path / "s").ids == ["v0", "v1"]
+
+
+def test_mismatched_manifest_refused(tmp_path):
+    man = make_manifest(backbone="i3d_r50", weights_id="w1", num_features=4,
+                        sampling={"num_clips": 10}, spatial={}, classes=["a"])
+    StoreWriter(tmp_path / "s", man)
+    StoreWriter(tmp_path / "s", dict(man, versions={"torch": "other"}))  # provenance only: accepted
+    for change in ({"weights_id": "w2"}, {"sampling": {"num_clips": 5}}, {"classes": ["a", "b"]}):
+        with pytest.raises(CatnetError, match="different settings"):
+            StoreWriter(tmp_path / "s", dict(man, **change))
+
+
+def test_failures_latest_reason_and_finished_excluded(tmp_path):
+    man = make_manifest(backbone="b", weights_id="w", num_features=4, sampling={}, spatial={}, classes=[])
+    w = StoreWriter(tmp_path / "s", man, shard_size=1)
+    w.add_failure("x", "x.mp4", "truncated")
+    w.add_failure("y", "y.mp4", "no video stream")
+    w.add_failure("x", "x.mp4", "still truncated")
+    w.add("y", np.ones((1, 4)), np.zeros((1, 2)))  # retried and succeeded
+    with open(tmp_path / "s" / "failures" / "rank000.jsonl", "a") as f:
+        f.write('{"id": "z", "pa')  # a line cut by power loss is ignored
+    s = FeatureStore(tmp_path / "s")
+    assert s.failures == [{"id": "x", "path": "x.mp4", "reason": "still truncated"}]
+    assert done_and_failed(s.root) == ({"y"}, {"x"})
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(CatnetError, match="not found"):
+        FeatureStore(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CatnetError, match="not a feature store"):
+        FeatureStore(tmp_path / "empty")
+    man = make_manifest(backbone="b", weights_id="w", num_features=4, sampling={}, spatial={}, classes=[])
+    w = StoreWriter(tmp_path / "s", man)
+    with pytest.raises(CatnetError, match="feature dim"):
+        w.add("v", np.ones((2, 5)), np.zeros((2, 2)))
+    with pytest.raises(CatnetError, match="views"):
+        w.add("v", np.ones((3, 4)), np.zeros((2, 2)))
+    w.add("v", np.ones((2, 4)), np.zeros((2, 2)))
+    w.close()
+    shard = next((tmp_path / "s" / "shards").glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-10])  # a truncated copy, e.g. a failed rsync
+    with pytest.raises(CatnetError, match="corrupt feature shard"):
+        len(FeatureStore(tmp_path / "s"))

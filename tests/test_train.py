@@ -1,0 +1,182 @@
+"""Training on a store: learning, run folder contents, refusals, presets + CLI overrides, transfer."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from catnet.cli import main as cli
+from catnet.errors import CatnetError
+from catnet.evaluate import evaluate
+from catnet.features import FeatureStore
+from catnet.train import TrainConfig, load_run, split_indices, train, transfer_head
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def make_store(path, n=24, d=8, num_classes=3, splits=True, seed=0, nan_video=None):
+    """Class-separable features, 1-5 clips x 2 crops per video, 3/4 train and 1/4 test."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((num_classes, d)) * 3
+    feats, labels = [], []
+    for i in range(n):
+        y = i % num_classes
+        x = centers[y] + rng.standard_normal((2 * int(rng.integers(1, 6)), d))
+        if i == nan_video:
+            x[0, 0] = np.nan
+        feats.append(x.astype(np.float32))
+        labels.append(y)
+    split = [("train" if i < 3 * n // 4 else "test") for i in range(n)] if splits else ""
+    return FeatureStore.write_synthetic(path, feats, labels, [f"class{j}" for j in range(num_classes)],
+                                        splits=split, num_crops=2, shard_size=7)
+
+
+def cfg(store, out, **kw):
+    base = dict(store=str(store), out=str(out), epochs=3, batch_size=4, lr=0.1, lr_step=2,
+                head_options={"num_heads": 2}, train_views=3, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    store = make_store(root / "store")
+    result = train(cfg(store.root, root / "run"))
+    return root, store, result
+
+
+def test_training_learns_and_logs(run):
+    root, store, result = run
+    hist = result["history"]
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert hist[-1]["val_top1"] > 1 / 3  # better than chance on separable classes
+    assert [h["lr"] for h in hist] == pytest.approx([0.1, 0.1, 0.01])  # x0.1 every lr_step epochs
+    assert hist[-1]["val_n"] == len(store.split("test"))
+    rows = list(csv.DictReader((root / "run" / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert float(rows[-1]["val_top1"]) == pytest.approx(hist[-1]["val_top1"])
+    assert any((root / "run" / "tb").glob("events.out.tfevents.*"))
+    best = max(hist, key=lambda h: h["val_top1"])  # first of the ties
+    assert result["best_epoch"] == best["epoch"]
+
+
+def test_run_json_and_weights_only_checkpoints(run):
+    root, store, result = run
+    info = json.loads((root / "run" / "run.json").read_text())
+    assert info["head"]["name"] == "catnet" and info["head"]["config"]["num_heads"] == 2
+    assert info["in_dim"] == 8 and info["classes"] == store.classes
+    assert info["store"]["manifest"]["backbone"] == store.manifest["backbone"]
+    assert info["train"]["epochs"] == 3 and info["catnet_version"]
+    last = torch.load(root / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert last["epoch"] == 3 and set(last) >= {"model", "optimizer", "scheduler", "rng", "data_generator"}
+    best = torch.load(root / "run" / "checkpoints" / "best.pt", weights_only=True)
+    assert best["epoch"] == result["best_epoch"]
+    head, _ = load_run(root / "run", which="last")
+    for k, v in head.state_dict().items():
+        assert torch.equal(v, last["model"][k])
+    again = evaluate(head, store, "test", classes=info["classes"])
+    assert again["top1"] == pytest.approx(result["history"][-1]["val_top1"])
+
+
+def test_refusals_before_work(run, tmp_path):
+    root, store, _ = run
+    with pytest.raises(CatnetError, match="already holds a run"):
+        train(cfg(store.root, root / "run"))
+    with pytest.raises(CatnetError, match="training split 'nope' .* is empty"):
+        train(cfg(store.root, tmp_path / "a", train_split="nope"))
+    with pytest.raises(CatnetError, match="validation split 'val' .* is empty"):
+        train(cfg(store.root, tmp_path / "b", val_split="val"))
+    with pytest.raises(CatnetError, match="nothing to resume"):
+        train(cfg(store.root, tmp_path / "c", resume=True))
+    with pytest.raises(CatnetError, match="resume with settings that differ.*lr"):
+        train(cfg(store.root, root / "run", resume=True, lr=0.5))
+    wide = make_store(tmp_path / "wide", d=12)
+    with pytest.raises(CatnetError, match="does not match the resumed run"):
+        train(cfg(wide.root, root / "run", resume=True))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_nan_features_refused_with_video_id(tmp_path):
+    store = make_store(tmp_path / "s", nan_video=2)
+    with pytest.raises(CatnetError, match=r"non-finite .*video000002"):
+        train(cfg(store.root, tmp_path / "r", epochs=1))
+
+
+def test_store_without_splits_gets_a_deterministic_holdout(tmp_path):
+    store = make_store(tmp_path / "s", n=30, splits=False)
+    c = cfg(store.root, tmp_path / "r", holdout_fraction=0.2)
+    tr, val, name = split_indices(store, c)
+    assert name == "holdout0.2" and split_indices(store, c) == (tr, val, name)
+    assert sorted(tr + val) == list(range(30)) and not set(tr) & set(val)
+    assert sorted(store.labels[val].tolist()) == [0, 0, 1, 1, 2, 2]  # 20% of each class
+    assert split_indices(store, cfg(store.root, "x", val_split="none"))[1] == []
+
+
+def test_presets_and_cli_overrides(tmp_path, capsys):
+    from catnet.config import from_dict, load_yaml
+
+    for name in ("kinetics400", "ucf101", "hmdb51"):  # every preset is a valid TrainConfig
+        from_dict(TrainConfig, load_yaml(CONFIGS / f"{name}.yaml"))
+    k400 = load_yaml(CONFIGS / "kinetics400.yaml")
+    assert (k400["epochs"], k400["lr"], k400["lr_step"], k400["batch_size"], k400["momentum"]) == (
+        90, 0.01, 30, 64, 0.9)
+    store = make_store(tmp_path / "s", n=12)
+    code = cli(["train", str(store.root), "--out", str(tmp_path / "r"),
+                "--config", str(CONFIGS / "ucf101.yaml"), "--epochs", "1", "--batch-size", "4",
+                "--head", "catnet", "--head-opt", "num_heads=3",
+                "--head-opt", "aggregation=sum", "--dropout", "0.1", "--no-progress", "--json"])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["epochs"] == 1
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    ucf = load_yaml(CONFIGS / "ucf101.yaml")
+    assert info["train"]["lr"] == ucf["lr"] and info["train"]["epochs"] == 1
+    conf = info["head"]["config"]
+    assert (conf["num_heads"], conf["aggregation"], conf["dropout"]) == (3, "sum", 0.1)
+    assert cli(["train", str(store.root), "--out", str(tmp_path / "q"), "--head-opt", "bogus"]) == 2
+
+
+def test_transfer_copies_all_but_classifier(run, tmp_path):
+    root, _, _ = run
+    small = make_store(tmp_path / "ucf", n=10, num_classes=5, seed=3)
+    out = tmp_path / "ft"
+    train(cfg(small.root, out, epochs=1, lr=1e-9, momentum=0.0, weight_decay=0.0, head_options={},
+              init_from=str(root / "run")))
+    src, _ = load_run(root / "run", which="best")
+    dst, info = load_run(out, which="last")
+    assert info["init_from"]["run"] == str(root / "run") and dst.config.num_classes == 5
+    src_sd, dst_sd = src.state_dict(), dst.state_dict()
+    copied = [k for k in src_sd if not k.startswith("classifier.")]
+    assert copied
+    for k in copied:  # lr ~ 0: one epoch leaves the copied weights where they started
+        torch.testing.assert_close(dst_sd[k], src_sd[k], rtol=0, atol=1e-6)
+    assert dst_sd["classifier.weight"].shape == (5, src_sd["classifier.weight"].shape[1])
+    fresh, _ = transfer_head(root / "run", num_classes=3, in_dim=8)  # same shape: still not copied
+    assert not torch.equal(fresh.classifier.weight, src.classifier.weight)
+    assert all(torch.equal(fresh.state_dict()[k], src_sd[k]) for k in copied)
+    with pytest.raises(CatnetError, match="8-d"):
+        wide = make_store(tmp_path / "wide", n=8, d=12)
+        train(cfg(wide.root, tmp_path / "ft2", head_options={}, init_from=str(root / "run")))
+
+
+def test_worker_count_does_not_change_results(tmp_path):
+    store = make_store(tmp_path / "s", n=12)
+    a = train(cfg(store.root, tmp_path / "w0", epochs=1))
+    b = train(cfg(store.root, tmp_path / "w1", epochs=1, num_workers=1))
+    strip = [{k: v for k, v in h.items() if k != "time_s"} for h in (a["history"][0], b["history"][0])]
+    assert strip[0] == strip[1]
+
+
+def test_head_preset_flag(tmp_path):
+    store = make_store(tmp_path / "s", n=12)
+    out = tmp_path / "r"
+    assert cli(["train", str(store.root), "--out", str(out), "--head-preset",
+                str(CONFIGS / "heads" / "catnet_sum.yaml"),
+                "--head-opt", "num_heads=2", "--epochs", "1", "--batch-size", "4", "--no-progress"]) == 0
+    conf = json.loads((out / "run.json").read_text())["head"]["config"]
+    assert (conf["name"], conf["aggregation"], conf["num_heads"]) == ("catnet", "sum", 2)
