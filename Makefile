@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.catnet-installed
 
-.PHONY: setup weights demo test lint clean
+.PHONY: setup weights browser demo test lint clean
 
 setup: $(STAMP) weights
 
@@ -16,16 +16,25 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	# PyTorchVideo is only the reference the tests compare i3d_r50 against; its deps are not needed.
 	$(BIN)/python -m pip install -q --no-deps pytorchvideo==0.1.5
+	# aeon ships the real BasicMotions / PickupGestureWiimoteZ sequences; only its data files are read.
+	$(BIN)/python -m pip install -q --no-deps aeon==1.6.0
 	touch $(STAMP)
 
 # Idempotent: a second run finds the converted weights and does nothing.
 weights: $(STAMP)
 	$(BIN)/catnet weights fetch
 
+# Headless Chromium + driver for the web page's end-to-end test (Debian packages; needs root, as in CI).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "note: chromium not installed; the browser test will be skipped"; fi
+
 demo: setup
 	$(BIN)/catnet demo
 
-test: setup
+test: setup browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

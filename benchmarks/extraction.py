@@ -12,7 +12,8 @@ round by round with its backbone-only twin.
 
 Decoders: for every file, the frames a K x L x stride sampling needs are read by catnet's seeking
 decoder (`catnet.video.read_frames`), by a naive full PyAV decode (every frame to RGB, then indexed) and
-by decord (when installed); each read runs in a fresh subprocess, which reports its time and peak RSS.
+by decord (when installed); each read runs in a fresh subprocess, which reports its time (imports
+excluded) and peak RSS (VmHWM, including the interpreter and imports: catnet's includes torch).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from catnet.video.encode import write_video
 SHARED_CLIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "clips" / "arm_wrestling_demo.mp4"
 
 
-def make_videos(root: Path, n: int, frames: int, height: int, width: int, seed: int = 0) -> list[Path]:
+def make_videos(root: Path, n: int, frames: int, height: int, width: int, seed: int = 0,
+                prefix: str = "video") -> list[Path]:
     """n textured, moving videos in two class folders (textures keep the codec honest: flat frames decode
     unrealistically fast)."""
     rng = np.random.default_rng(seed)
@@ -45,7 +47,7 @@ def make_videos(root: Path, n: int, frames: int, height: int, width: int, seed: 
         tex = rng.integers(0, 256, size=(height // 4 + 8, width // 4 + frames + 8, 3), dtype=np.uint8)
         tex = np.repeat(np.repeat(tex, 4, axis=0), 4, axis=1)  # 4x4 blocks: structure, not pure noise
         video = np.stack([tex[:height, 4 * t: 4 * t + width] for t in range(frames)])
-        paths.append(write_video(root / f"class{i % 2}" / f"video{i:03d}.mp4", video, fps=25.0))
+        paths.append(write_video(root / f"class{i % 2}" / f"{prefix}{i:03d}.mp4", video, fps=25.0))
     return paths
 
 
@@ -125,26 +127,34 @@ def bench_pipeline(args, device: torch.device, src: Path, work: Path) -> dict:
 
 
 DECODE_CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 method, path, idx = sys.argv[1], sys.argv[2], np.array(json.loads(sys.argv[3]), dtype=np.int64)
-t0 = time.perf_counter()
+# imports before the clock starts: catnet.video pulls in torch, which is not decoding time
 if method == "catnet":
     from catnet.video import read_frames
-    out = read_frames(path, idx)
 elif method == "pyav_full":
     import av
+elif method == "decord":
+    import decord
+else:
+    raise SystemExit(f"unknown method {method}")
+def hwm_mb():  # VmHWM restarts at exec, unlike ru_maxrss, which keeps the parent's peak
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
+base = hwm_mb()
+t0 = time.perf_counter()
+if method == "catnet":
+    out = read_frames(path, idx)
+elif method == "pyav_full":
     with av.open(path) as c:
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
     out = np.stack(frames)[np.minimum(idx, len(frames) - 1)]
-elif method == "decord":
-    import decord
+else:
     vr = decord.VideoReader(path, num_threads=1)
     out = vr.get_batch(list(np.minimum(idx, len(vr) - 1))).asnumpy()
-else:
-    raise SystemExit(f"unknown method {method}")
 secs = time.perf_counter() - t0
-print(json.dumps({"seconds": secs, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({"seconds": secs, "peak_rss_mb": hwm_mb(), "rss_before_mb": base,
                   "shape": list(out.shape), "checksum": int(out[:, ::7, ::7].astype(np.int64).sum())}))
 """
 
@@ -180,7 +190,9 @@ def bench_decoders(args, files: list[Path]) -> dict:
             "frames_in_file": info.num_frames, "frames_needed": len(idx), "size": [info.width, info.height],
             "same_frames_as_catnet": {m: c == checks["catnet"] for m, c in checks.items()},
             "methods": {m: {"median_s": statistics.median(x["seconds"] for x in r),
-                            "peak_rss_mb": max(x["peak_rss_mb"] for x in r)} for m, r in runs.items()}}
+                            "peak_rss_mb": max(x["peak_rss_mb"] for x in r),
+                            "rss_before_decode_mb": max(x["rss_before_mb"] for x in r)}
+                        for m, r in runs.items()}}
     return {"sampling": {"num_clips": args.decode_clips, "clip_len": args.frames, "stride": args.stride},
             "files": out}
 
@@ -224,7 +236,8 @@ def main() -> None:
             save_results("extraction", results, args.out)
         if not args.skip_decoders:
             dec_files = files[:1] + ([SHARED_CLIP] if SHARED_CLIP.is_file() else [])
-            long = make_videos(work / "long", 1, 750, 256, 340, seed=1)  # 30 s: seeking pays off
+            # a 30 s video, where seeking pays off
+            long = make_videos(work / "long", 1, 750, 256, 340, seed=1, prefix="long")
             r = bench_decoders(args, dec_files + long)
             results["decoders"] = r
             rows = []
@@ -232,10 +245,11 @@ def main() -> None:
                 for m, v in fr["methods"].items():
                     rows.append([fname, f"{fr['frames_needed']}/{fr['frames_in_file']}", m, v["median_s"],
                                  f"{v['median_s'] / fr['methods']['catnet']['median_s']:.2f}x",
-                                 v["peak_rss_mb"], fr["same_frames_as_catnet"][m]])
+                                 v["peak_rss_mb"], v["peak_rss_mb"] - v["rss_before_decode_mb"],
+                                 fr["same_frames_as_catnet"][m]])
             print_table(f"decoders: frames for {args.decode_clips} x {args.frames} @ stride {args.stride}",
                         ["file", "needed/total", "decoder", "median s", "time vs catnet", "peak RSS MB",
-                         "same frames"], rows)
+                         "growth MB", "same frames"], rows)
     path = save_results("extraction", results, args.out)
     print(f"\nwrote {path}")
 

@@ -102,9 +102,9 @@ print(json.dumps({"epoch_s": res["history"][0]["time_s"], "total_s": time.perf_c
 def epoch(store: Path, work: Path, args, views: int, heads: int) -> dict:
     out = work / f"run-{time.monotonic_ns()}"
     try:
-        res = subprocess.run([sys.executable, "-c", EPOCH_CHILD, str(store), str(out), args.device, str(views),
-                              str(heads), str(args.batch), str(args.workers)],
-                             capture_output=True, text=True)
+        cmd = [sys.executable, "-c", EPOCH_CHILD, str(store), str(out), args.device, str(views), str(heads),
+               str(args.batch), str(args.workers)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
             raise RuntimeError(f"training failed: {res.stderr.strip()[-2000:]}")
         return json.loads(res.stdout.strip().splitlines()[-1])
@@ -201,7 +201,8 @@ def main() -> None:
         rows = bench_epoch_vs_read(work / "store", work, args, videos)
         results["epoch_vs_read"] = rows
         print_table(f"one pass over the store ({'cold' if args.cold else 'warm'} page cache), median of "
-                    f"{args.rounds}", ["pass", "median s", "videos/s", "/ read-raw", "/ read-store", "peak RSS MB"],
+                    f"{args.rounds}",
+                    ["pass", "median s", "videos/s", "/ read-raw", "/ read-store", "peak RSS MB"],
                     [[k, v["median_s"], v["videos_per_s"], f"{v.get('ratio_to_read_raw', 1):.2f}",
                       f"{v['ratio_to_read_store']:.2f}" if "ratio_to_read_store" in v else "",
                       f"{v['peak_rss_mb']:.0f}" if "peak_rss_mb" in v else ""] for k, v in rows.items()])

@@ -250,12 +250,16 @@ def _resolve_device(name: str) -> torch.device:
         raise CatnetError(f"bad --device {name!r}: {e}") from None
 
 
+def _wants_pretrained(cfg: ExtractConfig) -> bool:
+    if cfg.pretrained is None:
+        return cfg.backbone == "i3d_inception" and cfg.checkpoint is None
+    return cfg.pretrained
+
+
 def _build_model(cfg: ExtractConfig, device: torch.device):
     from catnet.backbones import build_backbone
 
-    pretrained = cfg.pretrained
-    if pretrained is None:
-        pretrained = cfg.backbone == "i3d_inception" and cfg.checkpoint is None
+    pretrained = _wants_pretrained(cfg)
     if not pretrained and cfg.checkpoint is None:
         print(f"catnet extract: warning: {cfg.backbone} has random weights (seed {cfg.seed}); features are "
               "only useful for tests. Pass --pretrained or --checkpoint.", file=sys.stderr)
@@ -300,7 +304,9 @@ def extract(source: str | os.PathLike, out: str | os.PathLike, cfg: ExtractConfi
     manifest = make_manifest(backbone=cfg.backbone, weights_id=str(model.weights_id),
                              num_features=int(model.num_features), sampling=asdict(sampling),
                              spatial=asdict(spatial), classes=classes,
-                             checkpoint=cfg.checkpoint, source=str(Path(source).resolve()))
+                             checkpoint=str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None,
+                             pretrained=_wants_pretrained(cfg), seed=cfg.seed,
+                             source=str(Path(source).resolve()))
     root.mkdir(parents=True, exist_ok=True)
     prefix = f"rank{rank:03d}"
     lock = _lock(root, prefix)  # before the writer, which deletes this prefix's leftover temporaries

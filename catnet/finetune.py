@@ -343,6 +343,8 @@ def _finetune(cfg: FinetuneConfig, info: dist.DistInfo) -> dict[str, Any]:
         raise CatnetError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
 
     seed_everything(cfg.seed + info.rank)
+    if info.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # fixed clip shapes: let cuDNN pick the fastest 3-D convs
     model = build_model(cfg, classes)
     init_weights = model.weights_id
     model.to(info.device)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from catnet.config import from_dict
-from catnet.errors import CatnetError
+from catnet.errors import CatnetError, VideoError
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -116,8 +116,8 @@ class Predictor:
         from catnet.video import load_clips, sample_clips
 
         t0 = time.perf_counter()
-        if not Path(path).is_file():
-            raise CatnetError(f"no such file: {path}")
+        if not Path(path).is_file():  # callers name the video; the reason alone keeps lines short
+            raise VideoError("no such file" if not Path(path).exists() else "not a file")
         clips = load_clips(path, self.sampling, self.spatial)
         num_clips = len(clips.clip_times)
         views = torch.as_tensor(clips.views).float()

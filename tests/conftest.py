@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+# Spinning OpenMP threads make tests many times slower when processes share the 2 cores (torchrun tests,
+# DataLoader workers); passive waiting costs nothing when the machine is idle. Must precede `import torch`.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -13,7 +13,7 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 import torch
-from test_predict import MeanColour, write_tiny_video
+from test_predict import MeanColour, shared_tiny_run, write_tiny_video
 
 from catnet.serve import App, find_samples, make_server, png_data_url
 
@@ -146,3 +146,38 @@ def test_unknown_sample_is_404(server):
     port, _ = server
     status, _, body = request(port, "POST", "/api/predict?sample=../../etc/passwd")
     assert status == 404 and "no such sample" in json.loads(body)["error"]
+
+
+def _args(*argv):
+    import argparse
+
+    from catnet.serve import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_cli_settings_are_cheap_by_default(tmp_path, monkeypatch):
+    from catnet.serve import build_app
+
+    monkeypatch.setenv("CATNET_HOME", str(tmp_path))
+    (tmp_path / "more").mkdir()
+    write_tiny_video(tmp_path / "more" / "extra.mp4")
+    (tmp_path / "more" / "notes.txt").write_text("not listed")
+    app = build_app(_args("--checkpoint", str(shared_tiny_run()), "--samples", str(tmp_path / "more")))
+    info = app.info()
+    assert info["settings"] == {"clips": 4, "frames": 4, "crops": 1, "crop": 32}  # run: 3 clips x 3 crops
+    assert info["samples"] == ["extra.mp4", "moving_square.mp4"] and info["max_bytes"] == 100 * 2**20
+    assert info["attention"] is True
+
+
+@pytest.mark.parametrize("argv,match", [(["--max-mb", "0"], "--max-mb"),
+                                        (["--samples", "/no/such/dir"], "--samples")])
+def test_cli_bad_settings_are_clear_errors(tmp_path, monkeypatch, argv, match):
+    from catnet.errors import CatnetError
+    from catnet.serve import build_app
+
+    monkeypatch.setenv("CATNET_HOME", str(tmp_path))
+    with pytest.raises(CatnetError, match=match):
+        build_app(_args("--checkpoint", str(shared_tiny_run()), *argv))

@@ -1,21 +1,24 @@
 """`catnet serve` end to end in headless Chromium (selenium + /usr/bin/chromedriver).
 
-Skips where Chromium, its driver or selenium are missing; CI installs them:
-    apt-get install -y chromium chromium-driver && pip install selenium
+Skips on a developer machine where Chromium or its driver are missing; fails in CI, where `make test`
+installs them (`make browser`: apt-get install chromium chromium-driver).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 
 import pytest
 from test_predict import CLASSES, shared_tiny_run, write_tiny_video
 
-CHROMIUM, DRIVER = shutil.which("chromium") or "/usr/bin/chromium", "/usr/bin/chromedriver"
-if not (shutil.which("chromium") and shutil.which("chromedriver")):
-    pytest.skip("headless Chromium not installed (apt-get install chromium chromium-driver)",
-                allow_module_level=True)
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+if not (CHROMIUM and DRIVER):
+    _msg = "headless Chromium not installed (run `make browser`: apt-get install chromium chromium-driver)"
+    if os.environ.get("CI"):
+        pytest.fail(_msg, pytrace=False)
+    pytest.skip(_msg, allow_module_level=True)
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
