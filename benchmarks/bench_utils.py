@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmark scripts: machine description, robust timing, GEMM peak, result files.
+"""Shared helpers of the benchmark scripts: machine description, interleaved timing, FLOPs, result files.
 
 Benchmarks are scripts, not tests: they print a table and write benchmarks/results/NAME.json. Every
 comparison is timed in one process, the variants interleaved round by round, so that load from other
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -83,21 +82,6 @@ def summary(seconds: list[float]) -> dict[str, float]:
             "n": len(seconds)}
 
 
-def gemm_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 4096,
-              rounds: int = 5) -> dict[str, float]:
-    """Achieved FLOP/s of an n x n x n matmul: the machine's practical fp32 peak for this process.
-
-    Measured in the same run as the model figures it normalises, with the same thread count.
-    """
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    out = torch.empty(n, n, device=device, dtype=dtype)
-    secs = interleaved({"mm": lambda: torch.mm(a, b, out=out)}, rounds, device)["mm"]
-    flops = 2.0 * n**3
-    return {"size": n, "gflops_median": flops / statistics.median(secs) / 1e9,
-            "gflops_best": flops / min(secs) / 1e9, **summary(secs)}
-
-
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of one call, by torch.utils.flop_counter.FlopCounterMode.
 
@@ -109,15 +93,6 @@ def count_flops(fn: Callable[[], Any]) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def children_peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 def pick_device(name: str) -> torch.device:

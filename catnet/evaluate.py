@@ -202,6 +202,7 @@ def evaluate(head: nn.Module, store: FeatureStore | str | Path, split: str | Non
     if len(classes) != head.config.num_classes:
         raise CatnetError(f"{len(classes)} class names for a head with {head.config.num_classes} outputs")
     labels = mapped_labels(store, classes, indices)
+    raise_nonfinite(store.nonfinite_ids(indices), store)  # before any work, not after a whole pass
     head.to(device)
     out = evaluate_indices(head, store, labels, indices, batch_size=batch_size, device=device,
                            num_workers=num_workers, progress=progress)

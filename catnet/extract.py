@@ -6,9 +6,10 @@ Eq. (1), X = [r(I_1; θ1), ..., r(I_K; θ1)], per video.
 
 Pipeline: DataLoader worker processes decode + crop whole videos (catnet.video.load_clips) while the
 main process runs the backbone under inference_mode on batches of views gathered across videos.
-Finished videos go to a StoreWriter, which writes a shard atomically every `--shard-size` videos or
-`--flush-seconds`; so a kill at any instant loses at most the unflushed videos, and a rerun skips
-every video already in a shard. Under torchrun each rank takes every WORLD_SIZE-th video and
+Finished videos go to a StoreWriter, which appends each one (fsynced) to its journal at once and
+writes a shard atomically every `--shard-size` videos or `--flush-seconds`; so a kill at any instant
+loses only the videos in flight, and a rerun folds the journal into a shard and skips every video
+already stored. Under torchrun each rank takes every WORLD_SIZE-th video and
 writes its own `rankNNN-*` shards into the same store.
 """
 
@@ -57,7 +58,7 @@ class ExtractConfig:
     crop_size: int = 224
     batch_size: int = 16  # views per backbone forward, gathered across videos
     workers: int = 2  # decoding processes; 0 decodes in the main process
-    shard_size: int = 16  # videos per shard: the most work a kill can cost, besides videos in flight
+    shard_size: int = 16  # videos per shard (finished videos are journaled, so a kill costs none of them)
     flush_seconds: float = 60.0  # ... or flush at least this often, for slow (long-video) runs
     retry_failed: bool = False
     device: str = "auto"
@@ -80,7 +81,8 @@ class ExtractResult:
     store: str
     total: int = 0  # videos of the source assigned to this process (all ranks after the final reduce)
     already_done: int = 0
-    extracted: int = 0
+    recovered: int = 0  # of already_done: finished by a killed run, found in its journal at start
+    extracted: int = 0  # run through the backbone in this run
     failed: int = 0  # failed in this run
     failed_before: int = 0  # recorded as failed by an earlier run and not retried
     seconds: float = 0.0
@@ -273,18 +275,23 @@ def _build_model(cfg: ExtractConfig, device: torch.device):
     return model
 
 
+# ExtractConfig fields that must be >= 1, and the `catnet extract` flag that sets each
+_FLAGS = {"num_clips": "--clips", "clip_len": "--frames", "stride": "--stride", "num_crops": "--crops",
+          "short_side": "--short-side", "crop_size": "--crop-size", "batch_size": "--batch",
+          "shard_size": "--shard-size"}
+
+
 def extract(source: str | os.PathLike, out: str | os.PathLike, cfg: ExtractConfig | None = None,
             progress: bool = True) -> ExtractResult:
     """Extract features of every video in `source` into the store `out`; resumes an existing store."""
     from catnet.video import ClipSampling, SpatialConfig
 
     cfg = cfg or ExtractConfig()
-    for name in ("num_clips", "clip_len", "stride", "num_crops", "short_side", "crop_size", "batch_size",
-                 "shard_size"):
+    for name, flag in _FLAGS.items():  # name the flag the user typed, not the config field
         if getattr(cfg, name) < 1:
-            raise CatnetError(f"{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+            raise CatnetError(f"{flag} must be >= 1, got {getattr(cfg, name)}")
     if cfg.workers < 0:
-        raise CatnetError(f"workers must be >= 0, got {cfg.workers}")
+        raise CatnetError(f"--workers must be >= 0, got {cfg.workers}")
     if cfg.crop_size > cfg.short_side:
         raise CatnetError(f"crop size {cfg.crop_size} is larger than short side {cfg.short_side}")
     rank, world = _dist_env()
@@ -326,7 +333,7 @@ def extract(source: str | os.PathLike, out: str | os.PathLike, cfg: ExtractConfi
     # already written; then drop what is done
     entries = sorted(entries, key=lambda e: e.id)[rank::world]
     done, failed = done_and_failed(root)
-    result = ExtractResult(store=str(root), total=len(entries))
+    result = ExtractResult(store=str(root), total=len(entries), recovered=writer.num_recovered)
     todo = []
     for e in entries:
         if e.id in done:
@@ -362,6 +369,12 @@ def _run(todo, sampling, spatial, model, device, cfg, writer, result, progress) 
     def done(i: int, feats: np.ndarray) -> None:
         nonlocal clips
         e = todo[i]
+        with np.errstate(over="ignore"):  # as stored: values past float16's ±65504 become inf
+            finite = np.isfinite(feats.astype(np.float16)).all()
+        if not finite:
+            fail(i, "non-finite clip features (NaN/Inf, or beyond float16 range)")
+            times.pop(i)
+            return
         writer.add(e.id, feats, times.pop(i), label=e.label, split=e.split, path=e.path,
                    num_crops=cfg.num_crops)
         result.extracted += 1
@@ -370,15 +383,18 @@ def _run(todo, sampling, spatial, model, device, cfg, writer, result, progress) 
                          "failed": result.failed}, refresh=False)
         bar.update(1)
 
+    def fail(i: int, reason: str) -> None:
+        e = todo[i]
+        writer.add_failure(e.id, e.path, reason)
+        result.failed += 1
+        result.failures.append({"id": e.id, "path": e.path, "reason": reason})
+        bar.update(1)
+
     batcher = _Batcher(model, cfg.batch_size, device, done)
     try:
         for i, views, clip_times, error in loader:
             if error is not None:
-                e = todo[i]
-                writer.add_failure(e.id, e.path, error)
-                result.failed += 1
-                result.failures.append({"id": e.id, "path": e.path, "reason": error})
-                bar.update(1)
+                fail(i, error)
                 continue
             times[i] = clip_times
             batcher.push(i, views)
@@ -398,7 +414,7 @@ def _reduce_counts(result: ExtractResult) -> None:
         # ranks finish at different times; wait long rather than fail a finished extraction
         dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
     try:
-        keys = ("total", "already_done", "extracted", "failed", "failed_before")
+        keys = ("total", "already_done", "recovered", "extracted", "failed", "failed_before")
         t = torch.tensor([getattr(result, k) for k in keys], dtype=torch.int64)
         dist.all_reduce(t)
         for k, v in zip(keys, t.tolist(), strict=True):

@@ -249,9 +249,10 @@ def run(args: argparse.Namespace) -> int:
     for video in args.videos:
         try:
             pred = predictor(video, top_k=args.top_k)
-        except (CatnetError, OSError) as e:  # one bad video must not stop the others
+        except Exception as e:  # noqa: BLE001 - one bad video (whatever broke) must not stop the others
             failed += 1
-            print(f"catnet predict: error: {video}: {e}", file=sys.stderr)
+            reason = str(e) if isinstance(e, (CatnetError, OSError)) else f"{type(e).__name__}: {e}"
+            print(f"catnet predict: error: {video}: {(reason.splitlines() or [''])[0]}", file=sys.stderr)
             continue
         if args.json:
             print(json.dumps(pred.to_json()), flush=True)

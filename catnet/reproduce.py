@@ -171,7 +171,10 @@ def extract_features(cfg: ReproduceConfig, stride: int, videos_dir: Path, checkp
                          num_crops=cfg.num_crops,
                          short_side=cfg.short_side, crop_size=cfg.crop_size, workers=cfg.workers,
                          device="cuda" if cfg.gpus > 0 else "cpu")
-    key = json.dumps({**asdict(ecfg), "source": str(videos_dir), "workers": None}, sort_keys=True)
+    key = json.dumps({k: getattr(ecfg, k) for k in ("backbone", "pretrained", "checkpoint", "num_clips",
+                                                     "clip_len", "stride", "num_crops", "short_side",
+                                                     "crop_size", "seed")} | {"source": str(videos_dir)},
+                     sort_keys=True)
     store = out / f"features-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
     if cfg.gpus > 1:  # one process per GPU, each taking every N-th video (catnet.extract under torchrun)
         cmd = ["torchrun", f"--nproc_per_node={cfg.gpus}", "-m", "catnet", "extract", str(videos_dir),

@@ -26,6 +26,7 @@ import io
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -42,12 +43,13 @@ from torch import nn
 import catnet
 from catnet import distributed as dist
 from catnet.config import from_dict, load_yaml, to_dict
-from catnet.errors import CatnetError
+from catnet.errors import CatnetError, unpickling_refused
 from catnet.evaluate import (
     _loader,
     check_finite,
     evaluate_indices,
     mapped_labels,
+    raise_nonfinite,
     store_feature_dim,
 )
 from catnet.features.store import FeatureStore
@@ -204,7 +206,9 @@ def _load_pt(path: Path) -> dict[str, Any]:
         raise CatnetError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a foreign or damaged file: never fall back to a full unpickle
+    except pickle.UnpicklingError as e:  # code or foreign objects inside: never fall back to a full unpickle
+        raise unpickling_refused(path, e) from None
+    except Exception as e:  # a damaged file
         raise CatnetError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}") from None
 
 
@@ -313,6 +317,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     in_dim = store_feature_dim(store)
     train_idx, val_idx, val_name = split_indices(store, cfg)
     labels = mapped_labels(store, classes, train_idx + val_idx)
+    raise_nonfinite(store.nonfinite_ids(train_idx + val_idx), store)  # not first met mid-epoch
     last_path = ckpt_dir / "last.pt"
     if cfg.resume:
         if not last_path.is_file():

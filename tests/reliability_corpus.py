@@ -204,25 +204,27 @@ def restore_access(root: Path) -> None:
 # ------------------------------------------------------------------------------------ kill -9 points
 
 REPO = Path(__file__).resolve().parents[1]
+# the default --shard-size (16): finished videos are journaled, so a kill must cost only the one in flight
 EXTRACT_TINY = ["--backbone", "i3d_inception", "--no-pretrained", "--clips", "2", "--frames", "4",
                 "--stride", "2", "--crops", "1", "--short-side", "32", "--crop-size", "32", "--batch", "2",
-                "--workers", "0", "--shard-size", "1", "--no-progress"]
+                "--workers", "0", "--no-progress"]
 
-# Runs `catnet` in a child that logs, fsynced, each unit of work as it *starts* being written (a video's
-# features handed to the store, a training epoch begun): after a kill, logged-but-not-saved = redone.
+# Runs `catnet` in a child that logs, fsynced, each unit of work as it starts (a video's decode, a training
+# epoch): after a kill, started-but-not-saved = work the resume redoes.
 CHILD = """
-import os, sys
+import os, sys, time
 import torch
 torch.set_num_threads(1)
-log = open(sys.argv[1], "a")
+log, pace = open(sys.argv[1], "a"), float(sys.argv[2])
 def note(what):
     log.write(what + "\\n"); log.flush(); os.fsync(log.fileno())
-import catnet.features.store as store
-add = store.StoreWriter.add
-def logged_add(self, video_id, *a, **k):
-    note(f"video {video_id}")
-    return add(self, video_id, *a, **k)
-store.StoreWriter.add = logged_add
+    time.sleep(pace)  # stretches each unit so a kill lands inside it on a fast machine too
+import catnet.extract as extract
+getitem = extract._ClipDataset.__getitem__
+def logged_getitem(self, i):
+    note(f"video {self.entries[i].id}")
+    return getitem(self, i)
+extract._ClipDataset.__getitem__ = logged_getitem
 import catnet.distributed as dist
 order = dist.TrainSampler.epoch_order
 def logged_order(self):
@@ -230,7 +232,7 @@ def logged_order(self):
     return order(self)
 dist.TrainSampler.epoch_order = logged_order
 from catnet.cli import main
-raise SystemExit(main(sys.argv[2:]))
+raise SystemExit(main(sys.argv[3:]))
 """
 
 
@@ -241,8 +243,17 @@ class Kill:
     redone: int  # units of work started before the kill and not saved (redone by the resume)
 
 
-def run_and_kill(argv: list[str], log: Path, ready, delay: float, timeout: float = 300) -> bool:
-    """Start `catnet argv` (logging into `log`), wait until `ready()` then `delay` more seconds, SIGKILL.
+def _started(log: Path) -> list[str]:
+    try:
+        return log.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def run_and_kill(argv: list[str], log: Path, units: int, delay: float, pace: float = 0.0,
+                 timeout: float = 300) -> bool:
+    """Start `catnet argv` (logging into `log`, each unit of work `pace` s longer), wait until it has
+    started `units` units of work (videos, epochs) then `delay` more seconds, and SIGKILL it.
 
     Returns whether it was killed (False if it finished first)."""
     import signal
@@ -251,11 +262,11 @@ def run_and_kill(argv: list[str], log: Path, ready, delay: float, timeout: float
     import time
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(log), *argv], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(log), str(pace), *argv], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + timeout
     try:
-        while proc.poll() is None and not ready():
+        while proc.poll() is None and len(_started(log)) < units:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"catnet {argv[0]} never reached the kill point")
             time.sleep(0.01)
@@ -272,10 +283,11 @@ def run_and_kill(argv: list[str], log: Path, ready, delay: float, timeout: float
 
 
 def stored_ids(store: Path) -> list[str]:
-    """Ids in the store's shards, one per shard entry (duplicates kept), each shard fully read."""
+    """Ids in the store's shards, one per shard entry (duplicates kept), each shard fully read, then the
+    valid records of the writers' journals not yet in a shard (what a resume keeps without redoing)."""
     from safetensors.numpy import load_file
 
-    from catnet.features.store import read_shard_videos
+    from catnet.features.store import JOURNAL_SUFFIX, read_journal, read_shard_videos
 
     ids = []
     for shard in sorted((store / "shards").glob("*.safetensors")):
@@ -283,44 +295,39 @@ def stored_ids(store: Path) -> list[str]:
         if not np.isfinite(tensors["features"].astype(np.float32)).all():
             raise ValueError(f"{shard.name}: non-finite features")
         ids += [r["id"] for r in read_shard_videos(shard)]
+    in_shards = set(ids)
+    for journal in sorted((store / "shards").glob("*" + JOURNAL_SUFFIX)):
+        ids += [r["id"] for r, _, _ in read_journal(journal)[0] if r["id"] not in in_shards]
     return ids
 
 
-def kill_extraction(src: Path, store: Path, log: Path, done_target: int, delay: float) -> Kill:
-    """One kill of `catnet extract src --out store` once `done_target` shards exist, `delay` s later."""
-    shards = store / "shards"
-    before = set(stored_ids(store)) if shards.is_dir() else set()
+def kill_extraction(src: Path, store: Path, log: Path, units: int, delay: float, pace: float = 0.0) -> Kill:
+    """One kill of `catnet extract src --out store`, `delay` s after it starts its `units`-th video."""
+    before = set(stored_ids(store)) if (store / "shards").is_dir() else set()
     log.write_text("")
-    killed = run_and_kill(["extract", str(src), "--out", str(store), *EXTRACT_TINY], log,
-                          lambda: shards.is_dir() and len(list(shards.glob("*.safetensors"))) >= done_target,
-                          delay)
-    started = {line.split(" ", 1)[1] for line in log.read_text().splitlines() if line.startswith("video ")}
+    killed = run_and_kill(["extract", str(src), "--out", str(store), *EXTRACT_TINY], log, units, delay, pace)
+    from catnet.features.store import done_and_failed
+
+    started = {line.split(" ", 1)[1] for line in _started(log)}
     saved = set(stored_ids(store))
-    return Kill(f"{len(saved)} videos", killed, len(started - saved - before))
+    failed = done_and_failed(store)[1]  # recorded as failed: not retried, so not redone either
+    return Kill(f"{len(saved)} videos stored", killed, len(started - saved - failed - before))
 
 
-def kill_training(store: Path, run: Path, log: Path, train_args: list[str], epochs_target: int,
-                  delay: float) -> Kill:
-    """One kill of `catnet train` (resuming if `run` has a checkpoint) once `epochs_target` epochs are
-    in metrics.csv, `delay` s later."""
+def kill_training(store: Path, run: Path, log: Path, train_args: list[str], units: int, delay: float,
+                  pace: float = 0.0) -> Kill:
+    """One kill of `catnet train` (resuming if `run` has a checkpoint), `delay` s after it starts its
+    `units`-th epoch."""
     import torch
 
-    metrics, last = run / "metrics.csv", run / "checkpoints" / "last.pt"
+    last = run / "checkpoints" / "last.pt"
     resume = ["--resume"] if last.is_file() else []
-    log.write_text("")
-
-    def rows() -> int:
-        try:
-            return max(0, len(metrics.read_text().splitlines()) - 1)
-        except FileNotFoundError:
-            return 0
-
     start = torch.load(last, weights_only=True)["epoch"] if last.is_file() else 0
-    killed = run_and_kill(["train", str(store), "--out", str(run), *train_args, *resume], log,
-                          lambda: rows() >= epochs_target, delay)
-    begun = sum(1 for line in log.read_text().splitlines() if line == "epoch")
+    log.write_text("")
+    argv = ["train", str(store), "--out", str(run), *train_args, *resume]
+    killed = run_and_kill(argv, log, units, delay, pace)
     saved = torch.load(last, weights_only=True)["epoch"] if last.is_file() else 0  # torn file: raises
-    return Kill(f"epoch {saved}", killed, start + begun - saved)
+    return Kill(f"epoch {saved} saved", killed, start + len(_started(log)) - saved)
 
 
 # ------------------------------------------------------------------------------------------- figures
@@ -361,7 +368,8 @@ def _videos_figures(work: Path) -> None:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(["extract", str(listing), "--out", str(work / "store"), *tiny, "--json"])
-    print(f"catnet extract: exit {code}, {out.getvalue().strip()}; traceback: {'Traceback' in err.getvalue()}")
+    print(f"catnet extract: exit {code}, {out.getvalue().strip()}; "
+          f"traceback: {'Traceback' in err.getvalue()}")
     with contextlib.redirect_stderr(io.StringIO()):
         main(["train", str(work / "store"), "--out", str(work / "run"), "--epochs", "1", "--batch-size", "2",
               "--val-split", "none", "--head-opt", "num_heads=2", "--no-progress"])
@@ -384,14 +392,14 @@ def _kill_figures(work: Path, points: int, seed: int) -> None:
     from catnet.video.encode import write_video
 
     rng = random.Random(seed)
-    n = 12
+    n = 3 * points
     src = work / "videos"
     for i in range(n):
         write_video(src / f"c{i % 2}" / f"v{i}.mp4", moving_square(10 + i, seed=i))
     store, log = work / "store", work / "log"
     kills = []
-    for target in sorted(rng.choices(range(1, n), k=points)):
-        k = kill_extraction(src, store, log, target, rng.uniform(0, 0.5))
+    for _ in range(points):
+        k = kill_extraction(src, store, log, rng.randint(1, 2), rng.uniform(0, 0.15))
         kills.append(k)
         print(f"  extract kill: {k}")
     from catnet.cli import main
@@ -411,13 +419,13 @@ def _kill_figures(work: Path, points: int, seed: int) -> None:
     feats = [(centers[i % 3] + rngs.standard_normal((4, 8))).astype(np.float32) for i in range(36)]
     FeatureStore.write_synthetic(work / "fstore", feats, [i % 3 for i in range(36)], ["x", "y", "z"],
                                  splits=["train"] * 28 + ["test"] * 8, num_crops=2, shard_size=8)
-    epochs = 12
+    epochs = 3 * points
     args = ["--epochs", str(epochs), "--batch-size", "4", "--lr", "0.05", "--lr-step", "4", "--train-views",
             "3", "--head-opt", "num_heads=2", "--dropout", "0.5", "--seed", "3", "--no-progress"]
     run = work / "run"
     tkills = []
-    for target in sorted(rng.choices(range(1, epochs - 1), k=points)):
-        k = kill_training(work / "fstore", run, log, args, target, rng.uniform(0, 0.3))
+    for _ in range(points):
+        k = kill_training(work / "fstore", run, log, args, rng.randint(1, 2), rng.uniform(0, 0.05))
         tkills.append(k)
         print(f"  train kill: {k}")
     if (run / "checkpoints" / "last.pt").is_file():
@@ -425,7 +433,8 @@ def _kill_figures(work: Path, points: int, seed: int) -> None:
     main(["train", str(work / "fstore"), "--out", str(work / "full"), *args])
 
     def rows(r):
-        return [{k: v for k, v in x.items() if k != "time_s"} for x in csv.DictReader((r / "metrics.csv").open())]
+        lines = csv.DictReader((r / "metrics.csv").open())
+        return [{k: v for k, v in x.items() if k != "time_s"} for x in lines]
 
     print(f"training: {sum(k.killed for k in tkills)} kills landed of {len(tkills)}, all survived; "
           f"redone per kill max {max(k.redone for k in tkills)} epoch(s); "

@@ -118,3 +118,28 @@ def test_predict_prints_one_line_per_bad_video_and_runs_the_good_ones(corpus, mo
             assert path in predicted, f"{case.name}: {mine}"
         elif case.expect == "skip":
             assert len(mine) == 1 and len(mine[0]) > len(f"catnet predict: error: {path}: "), mine
+
+
+def test_big_frames_decode_in_bounded_chunks_with_identical_views(tmp_path, monkeypatch):
+    """Frames too big to hold all at once (4K: 25 MB each) are decoded a budget's worth at a time and
+    resized straight away; the views are the same as from one full decode."""
+    import numpy as np
+    from reliability_corpus import encode, moving_square
+
+    from catnet.video import clips
+
+    path = encode(tmp_path / "big.mp4", moving_square(30, 48, 64))
+    sampling, spatial = ClipSampling(3, 6, 1), SpatialConfig(short_side=24, crop=24, num_crops=3)
+    whole = load_clips(path, sampling, spatial)
+    calls = []
+    real = clips.read_frames
+
+    def spy(p, idx, **kw):
+        calls.append(len(idx))
+        return real(p, idx, **kw)
+
+    monkeypatch.setattr(clips, "read_frames", spy)
+    monkeypatch.setattr(clips, "DECODE_BUDGET", 4 * 48 * 64 * 3)  # four frames' worth
+    chunked = load_clips(path, sampling, spatial)
+    assert len(calls) > 1 and max(calls) <= 4 and sum(calls) == len(np.unique(whole.indices))
+    assert torch.equal(chunked.views, whole.views)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from catnet.errors import CatnetError
+from catnet.errors import CatnetError, unpickling_refused
 
 # Per-channel RGB statistics on the [0, 1] scale.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -125,10 +125,12 @@ def load_checkpoint_file(path: str | Path) -> dict:
     except Exception:  # not a zip checkpoint: nothing more we can safely do
         unsafe = []
     if not unsafe:
-        raise CatnetError(f"cannot read {path} as a weights-only checkpoint: {_first_line(first_error)}")
+        raise unpickling_refused(path, first_error)
     try:
         with torch.serialization.safe_globals(_opaque_globals(unsafe)):
             obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # e.g. os.system: blocked even as an inert stand-in
+        raise unpickling_refused(path, e) from None
     except Exception as e:
         raise CatnetError(f"cannot read {path} as a weights-only checkpoint: {_first_line(e)}") from None
     warnings.warn(f"{path.name}: ignored non-tensor objects of type(s) {', '.join(sorted(unsafe))}",

@@ -276,7 +276,7 @@ def render(spec: VideoSpec, cfg: SynthConfig) -> np.ndarray:
         objs.append(dict(
             pos=_smooth_walk(app, t, drift if actor else drift * 2.5, 0.3 if actor else 0.1,
                              0.7 if actor else 0.9),
-            r=np.full(t, size * app.uniform(0.04, 0.09)),
+            r=np.full(t, size * app.uniform(0.07, 0.12)),
             color=app.uniform(0, 255, 3),
             square=bool(app.integers(2)),
         ))
@@ -288,7 +288,7 @@ def render(spec: VideoSpec, cfg: SynthConfig) -> np.ndarray:
     gap = b0 - a0
     if np.linalg.norm(gap) < 0.2:  # two-actor motions need room between the actors
         gap = gap / (np.linalg.norm(gap) + 1e-9) * 0.2 if np.linalg.norm(gap) > 1e-6 else np.array([0.2, 0])
-    params = dict(amp=mot.uniform(0.18, 0.3), cycles=int(mot.integers(2, 4)),
+    params = dict(amp=mot.uniform(0.25, 0.4), cycles=int(mot.integers(2, 4)),
                   sign=float(mot.choice([-1, 1])), gap=gap)
     off_a, off_b, scale = MOTIONS[spec.label](u, params)
     objs[0]["pos"] = objs[0]["pos"] + off_a

@@ -8,10 +8,13 @@ Layout (see docs/feature_store.md):
                                    `times` (sum K, 2) float32 clip start/end seconds, `labels` (n,) int64;
                                    metadata["videos"] = JSON list of {id, path, label, split, num_clips,
                                    num_crops}
+    STORE/shards/PREFIX.journal    finished videos not yet in a shard (append-only, CRC-checked records)
     STORE/failures/PREFIX.jsonl    one JSON line per failed video: {id, path, reason}
 
 A shard is only ever created by an atomic rename, so a reader (or a resumed writer) sees whole shards
 or none. Writers name shards by a prefix (one per torchrun rank) so many processes can fill one store.
+Each finished video is also appended (and fsynced) to the writer's journal at once, so a kill loses
+none of them; the journal is emptied after every shard write and folded into a shard on restart.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 import re
 import struct
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,7 +36,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from catnet.errors import CatnetError
-from catnet.io import atomic_write, atomic_write_json
+from catnet.io import _fsync_dir, atomic_write, atomic_write_json
 
 FORMAT = "catnet-feature-store"
 FORMAT_VERSION = 1
@@ -40,6 +44,13 @@ MANIFEST = "manifest.json"
 SHARDS = "shards"
 FAILURES = "failures"
 SHARD_SUFFIX = ".safetensors"
+JOURNAL_SUFFIX = ".journal"
+
+# Journal record: header (magic, meta bytes, data bytes, CRC32 of meta + data), then the JSON meta
+# (the shard's video record plus "shape": [V, D]), then features (V, D) float16 and times (K, 2)
+# float32, little-endian. A kill mid-append leaves a torn last record, which the CRC exposes.
+JOURNAL_MAGIC = b"CNJ1"
+_JOURNAL_HEAD = struct.Struct("<4sIQI")
 
 # Manifest keys that define what the features *are*; a store refuses writers that disagree on any.
 COMPAT_KEYS = ("format_version", "backbone", "weights_id", "num_features", "sampling", "spatial", "classes")
@@ -93,6 +104,49 @@ def read_shard_videos(path: Path) -> list[dict[str, Any]]:
         raise CatnetError(f"feature shard {path} has no 'videos' metadata (not a catnet shard)") from None
 
 
+def journal_record(rec: dict[str, Any], features: np.ndarray, times: np.ndarray) -> bytes:
+    """One self-describing journal record for a finished video (see JOURNAL_MAGIC for the layout)."""
+    meta = json.dumps({**rec, "shape": list(features.shape)}).encode("utf-8")
+    data = np.ascontiguousarray(features, "<f2").tobytes() + np.ascontiguousarray(times, "<f4").tobytes()
+    crc = zlib.crc32(data, zlib.crc32(meta))
+    return _JOURNAL_HEAD.pack(JOURNAL_MAGIC, len(meta), len(data), crc) + meta + data
+
+
+def read_journal(path: str | os.PathLike) -> tuple[list[tuple[dict[str, Any], np.ndarray, np.ndarray]], int]:
+    """The valid records of a journal as (record, features fp16 (V, D), times (K, 2)), and the bytes they
+    span. Reading stops at the first torn or invalid record: everything after it is a killed append."""
+    try:
+        buf = Path(path).read_bytes()
+    except FileNotFoundError:
+        return [], 0
+    out, pos, head = [], 0, _JOURNAL_HEAD.size
+    while pos + head <= len(buf):
+        magic, n_meta, n_data, crc = _JOURNAL_HEAD.unpack_from(buf, pos)
+        end = pos + head + n_meta + n_data
+        if magic != JOURNAL_MAGIC or end > len(buf):
+            break
+        meta, data = buf[pos + head: pos + head + n_meta], buf[pos + head + n_meta: end]
+        if zlib.crc32(data, zlib.crc32(meta)) != crc:
+            break
+        try:
+            rec = json.loads(meta)
+            v, d = (int(x) for x in rec.pop("shape"))
+            k = int(rec["num_clips"])
+            if n_data != v * d * 2 + k * 2 * 4:
+                break
+            feats = np.frombuffer(data, "<f2", v * d).reshape(v, d).astype(np.float16)
+            times = np.frombuffer(data, "<f4", k * 2, offset=v * d * 2).reshape(k, 2).astype(np.float32)
+        except (ValueError, KeyError, TypeError):
+            break
+        out.append((rec, feats, times))
+        pos = end
+    return out, pos
+
+
+def _journals(root: Path) -> list[Path]:
+    return sorted((root / SHARDS).glob("*" + JOURNAL_SUFFIX))
+
+
 def _read_failures(root: Path) -> list[dict[str, Any]]:
     out = []
     for p in sorted((root / FAILURES).glob("*.jsonl")):
@@ -111,7 +165,8 @@ class FeatureStore:
 
     Opening reads only the manifest and shard headers; features are read per video from
     memory-mapped shards, with at most `max_open` shards open at a time (LRU). Videos are ordered
-    by id, so a store reads the same whichever number of processes wrote it.
+    by id, so a store reads the same whichever number of processes wrote it. Videos of an interrupted
+    (or running) extraction that are still in a writer's journal are read from it too, read-only.
     """
 
     def __init__(self, path: str | os.PathLike, max_open: int = 32):
@@ -136,6 +191,7 @@ class FeatureStore:
         self._labels = np.zeros(0, np.int64)
         self._open: OrderedDict[str, Any] = OrderedDict()
         self._offsets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._journaled: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # id -> (features fp16, times)
 
     # pickling (DataLoader workers) drops open handles; each process reopens its own.
     def __getstate__(self):
@@ -154,9 +210,26 @@ class FeatureStore:
     def _build_index(self) -> list[tuple[str, int, dict[str, Any]]]:
         if self._index is None:
             entries: dict[str, tuple[str, int, dict[str, Any]]] = {}
+            want = self.manifest.get("num_features")
+            # journals before shards: a flush in between moves records into a shard listed afterwards
+            journaled = {}
+            for journal in _journals(self.root):
+                for rec, feats, times in read_journal(journal)[0]:
+                    if want and feats.shape[1] != want:
+                        raise CatnetError(f"journal {journal} holds {feats.shape[1]}-d features but the "
+                                          f"store's manifest says {want}; it does not belong to this store")
+                    journaled.setdefault(rec["id"], (rec, feats, times))
             for shard in self.shards:
+                # a foreign or hand-edited shard of another width would fail deep inside a head; say so here
+                shape = (read_shard_header(shard).get("features") or {}).get("shape") or [0, want]
+                if want and len(shape) == 2 and shape[1] != want:
+                    raise CatnetError(f"feature shard {shard} holds {shape[1]}-d features but the store's "
+                                      f"manifest says {want}; it does not belong to this store")
                 for row, rec in enumerate(read_shard_videos(shard)):
                     entries.setdefault(rec["id"], (shard.name, row, rec))  # first shard wins on duplicates
+            # "" marks a journal entry; a shard wins over a journal record (flushed, not yet truncated)
+            self._journaled = {vid: (f, t) for vid, (rec, f, t) in journaled.items() if vid not in entries}
+            entries.update({vid: ("", -1, journaled[vid][0]) for vid in self._journaled})
             self._index = [entries[k] for k in sorted(entries)]
             self._by_id = {rec["id"]: i for i, (_, _, rec) in enumerate(self._index)}
             self._ids = [rec["id"] for _, _, rec in self._index]
@@ -221,14 +294,41 @@ class FeatureStore:
                 raise KeyError(key)
             key = self._by_id[key]
         shard, row, rec = index[key]
-        f = self._handle(shard)
-        offsets, clip_offsets = self._shard_offsets(shard, f)
-        feats = f.get_slice("features")[int(offsets[row]): int(offsets[row + 1])]
-        times = f.get_slice("times")[int(clip_offsets[row]): int(clip_offsets[row + 1])]
+        if not shard:
+            feats, times = self._journaled[rec["id"]]
+        else:
+            f = self._handle(shard)
+            offsets, clip_offsets = self._shard_offsets(shard, f)
+            feats = f.get_slice("features")[int(offsets[row]): int(offsets[row + 1])]
+            times = f.get_slice("times")[int(clip_offsets[row]): int(clip_offsets[row + 1])]
         return VideoFeatures(id=rec["id"], path=rec.get("path", ""), label=int(rec["label"]),
                              split=rec.get("split", ""), features=np.asarray(feats, dtype=np.float32),
                              times=np.asarray(times, dtype=np.float32), num_clips=int(rec["num_clips"]),
                              num_crops=int(rec["num_crops"]))
+
+    def nonfinite_ids(self, indices: Sequence[int] | None = None) -> list[str]:
+        """Ids of the videos (among `indices`, default all) with any NaN/Inf feature, in store order.
+
+        Reads each shard's features once, vectorised: cheap next to one training epoch, so trainers
+        can refuse a poisoned store before the first step instead of mid-epoch.
+        """
+        index = self._build_index()
+        wanted = range(len(index)) if indices is None else sorted(set(int(i) for i in indices))
+        rows_by_shard: dict[str, list[tuple[int, int]]] = {}
+        bad = []
+        for i in wanted:
+            shard, row, rec = index[i]
+            if not shard:
+                if not np.isfinite(self._journaled[rec["id"]][0]).all():
+                    bad.append(i)
+                continue
+            rows_by_shard.setdefault(shard, []).append((row, i))
+        for shard, rows in rows_by_shard.items():
+            f = self._handle(shard)
+            offsets, _ = self._shard_offsets(shard, f)
+            finite = np.isfinite(f.get_tensor("features")).all(axis=1)
+            bad += [i for row, i in rows if not finite[offsets[row]: offsets[row + 1]].all()]
+        return [self._ids[i] for i in sorted(bad)]
 
     def __iter__(self) -> Iterator[VideoFeatures]:
         for i in range(len(self)):
@@ -266,7 +366,8 @@ class FeatureStore:
                                  num_features=dims.pop(), sampling=manifest_extra.pop("sampling", {}),
                                  spatial=manifest_extra.pop("spatial", {"num_crops": num_crops}),
                                  classes=list(classes), **manifest_extra)
-        with StoreWriter(path, manifest, shard_size=shard_size, flush_seconds=None) as writer:
+        # no journal: a fabricated store is rewritten from its arrays, not resumed
+        with StoreWriter(path, manifest, shard_size=shard_size, flush_seconds=None, journal=False) as writer:
             for i, x in enumerate(feats):
                 k = x.shape[0] // num_crops
                 t = times[i] if times is not None else np.stack([np.arange(k), np.arange(k) + 1.0], 1)
@@ -326,13 +427,15 @@ class StoreWriter:
     """Append videos to a store; every `shard_size` videos (or `flush_seconds`) become one shard.
 
     Opening checks `manifest` against an existing store's and refuses a mismatch (CatnetError), writes
-    the manifest if the store is new, and removes temporaries a killed writer with the same prefix
-    left behind. Use one prefix per concurrent writer (extraction uses `rank000`, `rank001`, ...).
-    Failures are appended (and fsynced) to failures/PREFIX.jsonl immediately.
+    the manifest if the store is new, removes temporaries a killed writer with the same prefix left
+    behind, and folds that writer's journal into a shard (`num_recovered` videos). Use one prefix per
+    concurrent writer (extraction uses `rank000`, `rank001`, ...).
+    Each added video is appended (and fsynced) to shards/PREFIX.journal before `add` returns, unless
+    `journal=False`; failures are appended (and fsynced) to failures/PREFIX.jsonl immediately.
     """
 
     def __init__(self, path: str | os.PathLike, manifest: dict[str, Any], *, prefix: str = "rank000",
-                 shard_size: int = 16, flush_seconds: float | None = 60.0):
+                 shard_size: int = 16, flush_seconds: float | None = 60.0, journal: bool = True):
         if not _PREFIX_RE.match(prefix):
             raise CatnetError(f"shard prefix must be letters, digits or '_', got {prefix!r}")
         if shard_size < 1:
@@ -355,6 +458,49 @@ class StoreWriter:
         self.num_written = 0
         self.num_failed = 0
         self.shards_written: list[Path] = []
+        self.journal = journal
+        self.journal_path = self.root / SHARDS / f"{prefix}{JOURNAL_SUFFIX}"
+        self._journal_fd: int | None = None
+        self.num_recovered = self._recover_journal()
+
+    def _recover_journal(self) -> int:
+        """Fold the valid records a killed writer with our prefix left in its journal into a shard."""
+        if not self.journal_path.exists():
+            return 0
+        records, _ = read_journal(self.journal_path)  # a torn tail (kill mid-append) is dropped
+        # a kill between a shard's rename and the journal's truncation leaves records that are also in
+        # that shard: the shard wins
+        done = set()
+        for shard in (self.root / SHARDS).glob("*" + SHARD_SUFFIX):
+            done.update(rec["id"] for rec in read_shard_videos(shard))
+        for rec, feats, times in records:
+            if rec["id"] not in done:
+                done.add(rec["id"])
+                self._buf.append((rec, feats, times))
+        n = len(self._buf)
+        if not self.flush():  # nothing new: still drop the duplicates or the torn tail
+            self._truncate_journal()
+        return n
+
+    def _journal_append(self, record: bytes) -> None:
+        if self._journal_fd is None:
+            created = not self.journal_path.exists()
+            self._journal_fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            if created:
+                _fsync_dir(self.journal_path.parent)  # the file's name must survive a power loss too
+        view = memoryview(record)
+        while view:  # os.write may write less than asked for a large record
+            view = view[os.write(self._journal_fd, view):]
+        os.fsync(self._journal_fd)
+
+    def _truncate_journal(self) -> None:
+        if self._journal_fd is not None:
+            os.ftruncate(self._journal_fd, 0)
+            os.fsync(self._journal_fd)
+        elif self.journal_path.exists():
+            with open(self.journal_path, "r+b") as f:
+                f.truncate(0)
+                os.fsync(f.fileno())
 
     def _remove_stale_temps(self) -> None:
         # only our own prefix: another rank may be mid-write right now
@@ -376,7 +522,10 @@ class StoreWriter:
             raise CatnetError(f"{video_id!r}: feature dim {features.shape[1]} != store's {d}")
         rec = {"id": str(video_id), "path": str(path), "label": int(label), "split": str(split),
                "num_clips": int(times.shape[0]), "num_crops": int(num_crops)}
-        self._buf.append((rec, features.astype(np.float16), times))
+        features = features.astype(np.float16)
+        if self.journal:  # durable before add returns: a kill from here on costs nothing finished
+            self._journal_append(journal_record(rec, features, times))
+        self._buf.append((rec, features, times))
         if len(self._buf) >= self.shard_size or (
                 self.flush_seconds is not None and time.monotonic() - self._last_flush >= self.flush_seconds):
             self.flush()
@@ -409,6 +558,8 @@ class StoreWriter:
         metadata = {"videos": json.dumps(recs), "format": FORMAT, "format_version": str(FORMAT_VERSION)}
         path = self.root / SHARDS / f"{self.prefix}-{self._seq:06d}{SHARD_SUFFIX}"
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        # only once the shard is durable; a kill in between leaves duplicates that recovery drops
+        self._truncate_journal()
         self._seq += 1
         self.num_written += len(recs)
         self._buf.clear()
@@ -416,14 +567,20 @@ class StoreWriter:
         return path
 
     def close(self) -> None:
+        """Flush, and remove the (now empty) journal: a finished store has shards only."""
         self.flush()
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None
+        if self.journal_path.exists() and self.journal_path.stat().st_size == 0:
+            self.journal_path.unlink(missing_ok=True)
 
     def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        # on an exception keep what was finished: losing buffered videos would only mean redoing them
-        self.flush()
+        # on an exception keep what was finished (it is in the journal anyway)
+        self.close()
 
 
 def check_manifest(root: str | os.PathLike, manifest: dict[str, Any],
@@ -461,9 +618,11 @@ def check_or_write_manifest(root: Path, manifest: dict[str, Any]) -> dict[str, A
 
 
 def done_and_failed(root: str | os.PathLike) -> tuple[set[str], set[str]]:
-    """Ids already in the store's shards, and ids recorded as failed (and not since finished)."""
+    """Ids already in the store (shards or journals), and ids recorded as failed (and not since finished)."""
     root = Path(root)
     done = set()
+    for journal in _journals(root):  # before the shards, as in FeatureStore
+        done.update(rec["id"] for rec, _, _ in read_journal(journal)[0])
     for shard in sorted((root / SHARDS).glob("*" + SHARD_SUFFIX)):
         done.update(rec["id"] for rec in read_shard_videos(shard))
     failed = {rec["id"] for rec in _read_failures(root)} - done

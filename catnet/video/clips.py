@@ -10,7 +10,11 @@ import torch
 
 from catnet.video.decode import VideoInfo, probe, read_frames
 from catnet.video.sampling import ClipSampling, clip_times, sample_clips
-from catnet.video.transforms import SpatialConfig, test_views, train_view
+from catnet.video.transforms import SpatialConfig, resize_short, test_views, train_view
+
+# Most full-size RGB frames held at once at test time. A 4K frame is 25 MB, so 10 clips x 32 frames would
+# otherwise need 8 GB before the first resize (an OOM kill takes a whole extraction down with it).
+DECODE_BUDGET = 512 * 2**20
 
 
 @dataclass
@@ -33,7 +37,7 @@ def load_clips(path: str | os.PathLike, sampling: ClipSampling, spatial: Spatial
     info = probe(path)
     indices = sample_clips(info.num_frames, sampling, train=train, rng=rng)
     uniq, inverse = np.unique(indices, return_inverse=True)
-    frames = read_frames(path, uniq)
+    frames = read_frames(path, uniq) if train else _read_resized(path, uniq, info, spatial.short_side)
     inverse = inverse.reshape(indices.shape)
     crops = 1 if train else spatial.num_crops
     s = spatial.crop
@@ -45,3 +49,17 @@ def load_clips(path: str | os.PathLike, sampling: ClipSampling, spatial: Spatial
         else:
             test_views(clip, spatial, out=views[k * crops:(k + 1) * crops])
     return Clips(views, clip_times(indices, info.fps), info, indices)
+
+
+def _read_resized(path, uniq: np.ndarray, info: VideoInfo, short: int) -> np.ndarray:
+    """`read_frames` in chunks of at most DECODE_BUDGET bytes, each resized to the test short side at once.
+
+    `test_views` then finds frames already at that size and leaves them alone, so views are identical to
+    decoding everything first. (Train views pick a random short side per clip, so they decode in one go.)
+    """
+    chunk = max(1, DECODE_BUDGET // max(1, info.width * info.height * 3))
+    if len(uniq) <= chunk:
+        return read_frames(path, uniq)
+    parts = [resize_short(torch.from_numpy(read_frames(path, uniq[i:i + chunk])), short).numpy()
+             for i in range(0, len(uniq), chunk)]
+    return np.concatenate(parts)

@@ -1,0 +1,127 @@
+"""CLI misuse — missing paths, bad option values, conflicting options — for every verb in catnet.cli.VERBS:
+exit status 2 and exactly one line on stderr, never a traceback.
+
+One case per verb runs as a real `python -m catnet ...` subprocess (all verbs at once, to share the cost
+of importing torch); the other cases call `catnet.cli.main` in-process and capture the file descriptors,
+which sees the same code path minus the 3-line `__main__`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_train import cfg, make_store
+
+from catnet.cli import VERBS, main
+from catnet.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+NOPE = "/nonexistent/catnet-misuse"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A store, a trained run, a text file posing as a video, and an empty CATNET_HOME."""
+    root = tmp_path_factory.mktemp("misuse")
+    store = make_store(root / "store", n=12)
+    train(cfg(store.root, root / "run", epochs=1))
+    (root / "notes.mp4").write_text("not a video")
+    (root / "bad.yaml").write_text("epochs: [1\n")
+    (root / "home").mkdir()
+    return {"store": str(store.root), "run": str(root / "run"), "text": str(root / "notes.mp4"),
+            "yaml": str(root / "bad.yaml"), "home": str(root / "home"), "tmp": str(root)}
+
+
+# verb -> misuse cases: (argv after the verb, a substring of the one error line). The first case of each
+# verb is the one run as a subprocess. {store}, {run}, ... are filled from the `files` fixture.
+CASES: dict[str, list[tuple[str, str]]] = {
+    "weights": [("fetch --force --source {nope}.tar.gz", "not found"),
+                ("", "required"), ("fetch --timeout soon", "invalid float")],
+    "synth": [("{tmp}/synth --classes 1", "--classes"), ("{tmp}/synth --videos-per-class -2", "videos"),
+              ("", "required")],
+    "extract": [("{nope} --out {tmp}/x", "not found"), ("{tmp} --out {tmp}/x --clips 0", "--clips must be"),
+                ("{tmp} --out {tmp}/x --crops 2", "invalid choice"), ("{tmp}", "--out"),
+                ("{tmp} --out {tmp}/x --crop-size 300 --short-side 256", "larger than short side")],
+    "inspect": [("{nope}", "not found"), ("{store} --max-failures many", "invalid int")],
+    "train": [("{nope} --out {tmp}/t1", "not found"), ("{store} --out {tmp}/t2 --epochs 0", "epochs"),
+              ("{store} --out {tmp}/t3 --lr fast", "invalid float"),
+              ("{store} --out {tmp}/t4 --head nosuch", "nosuch"),
+              ("{store} --out {tmp}/t5 --config {yaml}", "invalid YAML"),
+              ("{store} --out {tmp}/t6 --init-from {run} --head-opt num_heads=4", "cannot be combined"),
+              ("{store} --out {tmp}/t7 --resume", "nothing to resume"),
+              ("{store} --out {run}", "already holds a run"),
+              ("{store} --out {tmp}/t8 --head-opt oops", "key=value")],
+    "eval": [("{run} --store {nope}", "not found"), ("{nope} --store {store}", "not a catnet run"),
+             ("{run}", "--store"), ("{run} --store {store} --which middle", "invalid choice"),
+             ("{run} --store {store} --split nosuch", "empty")],
+    "finetune-backbone": [("{nope} --out {tmp}/ft", "not found"), ("{tmp}", "--out")],
+    "predict": [("{text} --checkpoint {nope}", "not a catnet run"),
+                ("{text} --checkpoint {run} --top-k 0", "--top-k"),
+                ("{text} --checkpoint {run} --which middle", "invalid choice"), ("", "required")],
+    "export": [("{nope} --format onnx --out {tmp}/h.onnx", "not a catnet run"),
+               ("{run} --format zip --out {tmp}/h.zip", "invalid choice"),
+               ("{run} --out {tmp}/h", "--format")],
+    "report": [("{nope}", "not a catnet run"), ("{run} --videos few", "invalid int")],
+    "demo": [("--config {nope}.yaml", "not found"), ("--seeds several", "invalid int")],
+    "reproduce": [("ucf101 --root {nope}", "does not exist"), ("imagenet --root {tmp}", "invalid choice"),
+                  ("ucf101", "--root")],
+    "serve": [("--checkpoint {nope}", "not a catnet run"), ("--port http", "invalid int")],
+}
+
+
+def _argv(verb: str, case: str, files) -> list[str]:
+    return [verb, *case.format(nope=NOPE, **files).split()]
+
+
+def _check(code: int, err: str, match: str, argv: list[str]) -> None:
+    lines = err.splitlines()
+    assert "Traceback" not in err, (argv, err)
+    assert code == 2, (argv, code, err)
+    assert len(lines) == 1, (argv, err)
+    assert lines[0].startswith(f"catnet {argv[0]}") and ": error: " in lines[0], (argv, err)
+    assert match.lower() in lines[0].lower(), (argv, match, err)
+
+
+def test_every_verb_has_cases():
+    assert set(CASES) == set(VERBS)
+
+
+def test_first_case_of_every_verb_as_a_subprocess(files):
+    env = {**os.environ, "CATNET_HOME": files["home"], "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    procs = {}
+    for verb, cases in CASES.items():
+        argv = _argv(verb, cases[0][0], files)
+        pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs[verb] = (argv, subprocess.Popen([sys.executable, "-m", "catnet", *argv], cwd=files["tmp"],
+                                              env=env, **pipes))
+    for verb, (argv, proc) in procs.items():
+        try:
+            out, err = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        _check(proc.returncode, err, CASES[verb][0][1], argv)
+
+
+@pytest.mark.parametrize("verb, case, match", [(v, c, m) for v, cases in CASES.items() for c, m in cases[1:]])
+def test_misuse_in_process(files, monkeypatch, capfd, verb, case, match):
+    monkeypatch.setenv("CATNET_HOME", files["home"])
+    monkeypatch.chdir(files["tmp"])
+    argv = _argv(verb, case, files)
+    capfd.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    _check(code, capfd.readouterr().err, match, argv)
+
+
+def test_no_verb_and_unknown_verb(capfd):
+    with pytest.raises(SystemExit) as e:
+        main(["nosuchverb"])
+    err = capfd.readouterr().err
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "invalid choice" in err
