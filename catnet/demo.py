@@ -275,7 +275,7 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     """Run every stage (cached) and return the results dict also written to OUT/results.json."""
-    from catnet.report import analyse, find_segments, read_history, write_report
+    from catnet.report import analyse, attention_on_action, find_segments, read_history, write_report
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -334,8 +334,6 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
             a = analyse(head, fs, test_idx, info["classes"], _label(name, opts), hist)
             if s == seed:
                 analyses[slug] = a
-            from catnet.report import attention_on_action
-
             hit = attention_on_action(a, segments)
             if hit is not None:
                 attention.setdefault(_label(name, opts), []).append(hit["ratio"])

@@ -8,8 +8,9 @@
 Features do not depend on the split unless the backbone was fine-tuned on it, so without fine-tuning
 the videos are decoded and run through the backbone once; the per-split stores are cheap relabelled
 copies. Every stage is cached under --out, so an interrupted reproduction resumes where it stopped.
-The fine-tuning stage calls catnet.finetune when that module is installed; `--skip-finetune` uses
-`--checkpoint` (or the backbone's own pretrained weights) instead.
+The fine-tuning stage runs catnet.finetune on each split's training videos (no validation: the test
+videos never select a checkpoint); `--skip-finetune` uses `--checkpoint` (or the backbone's own
+pretrained weights) instead.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,29 +123,39 @@ HEAD_VARIANTS = {"avgpool": ("avgpool", {}), "attention_clusters": ("attention_c
                  "catnet": ("catnet", {})}
 
 
-def finetune_backbone(cfg: ReproduceConfig, split_id: int, items: list[dict], out: Path) -> str:
-    """Fine-tune the backbone on a split's training videos with catnet.finetune, if it is installed."""
+def finetune_backbone(cfg: ReproduceConfig, stride: int, split_id: int, items: list[dict], videos_dir: Path,
+                      out: Path) -> str:
+    """Fine-tune the backbone on a split's training videos (catnet.finetune); returns its checkpoint."""
     try:
-        import catnet.finetune as ft
+        from catnet.finetune import FinetuneConfig, finetune
     except ImportError:
         raise CatnetError("backbone fine-tuning (catnet.finetune) is not part of this install; pass "
                           "--skip-finetune (with --checkpoint CKPT for a fine-tuned backbone)") from None
-    fn = getattr(ft, "finetune", None)
-    cfg_cls = getattr(ft, "FinetuneConfig", None)
-    if fn is None or cfg_cls is None:
-        raise CatnetError("catnet.finetune has no finetune(FinetuneConfig) entry point; run `catnet "
-                          "finetune-backbone` yourself and pass --skip-finetune --checkpoint CKPT")
-    ann = out / f"finetune-split{split_id}.csv"
-    _write_csv(ann, items)
-    wanted = {"source": str(ann), "annotations": str(ann), "out": str(out / f"finetune-split{split_id}"),
-              "backbone": cfg.backbone, "checkpoint": cfg.checkpoint, "pretrained": cfg.pretrained}
-    names = {f.name for f in fields(cfg_cls)}
-    result = fn(cfg_cls(**{k: v for k, v in wanted.items() if k in names}))
-    ckpt = result.get("checkpoint") if isinstance(result, dict) else getattr(result, "checkpoint", None)
-    if not ckpt:
-        raise CatnetError("catnet.finetune did not report a checkpoint; pass --skip-finetune "
-                          "--checkpoint CKPT")
-    return str(ckpt)
+    work = out / f"finetune-split{split_id}"
+    done = work / "reproduce_done.json"
+    if done.is_file():
+        return json.loads(done.read_text())["checkpoint"]
+    # The annotation reader refuses paths outside an annotation file's folder, so the list names the
+    # videos through a link to their folder placed beside it.
+    work.mkdir(parents=True, exist_ok=True)
+    link = work / "videos"
+    if not link.is_symlink():
+        link.symlink_to(videos_dir.resolve(), target_is_directory=True)
+    ann = work / "train.csv"
+    _write_csv(ann, [{**it, "path": "videos/" + Path(it["path"]).relative_to(videos_dir.resolve()).as_posix()}
+                     for it in items if it["split"] == "train"])
+    short = cfg.short_side
+    fcfg = FinetuneConfig(source=str(ann), out=str(work / "run"), backbone=cfg.backbone,
+                          checkpoint=cfg.checkpoint, pretrained=bool(cfg.pretrained),
+                          clip_len=cfg.clip_len, stride=stride, short_side=short,
+                          train_short=(short, max(short, round(short * 1.25))), crop=cfg.crop_size,
+                          test_clips=cfg.num_clips, test_crops=cfg.num_crops, val_split="none",
+                          num_workers=cfg.workers, device="cuda" if cfg.gpus > 0 else "cpu",
+                          resume=(work / "run" / "checkpoints" / "last.pt").is_file(), progress=False,
+                          **({"epochs": cfg.epochs, "lr_step": cfg.epochs} if cfg.epochs else {}))
+    result = finetune(fcfg)
+    atomic_write_json(done, {"checkpoint": result["backbone_checkpoint"]})
+    return result["backbone_checkpoint"]
 
 
 def _write_csv(path: Path, items: list[dict]) -> None:
@@ -291,13 +302,14 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
     for k in splits:
         print(f"[reproduce] {cfg.dataset} split {k}: annotations", file=sys.stderr)
         items, classes = load_split(cfg.dataset, root, annotations, k)
-        checkpoint = cfg.checkpoint
-        if not cfg.skip_finetune:
-            print(f"[reproduce] split {k}: fine-tuning {cfg.backbone}", file=sys.stderr)
-            checkpoint = finetune_backbone(cfg, k, [it for it in items if it["split"] == "train"], out)
         videos_dir = Path(os.path.commonpath([it["path"] for it in items]))
         if videos_dir.is_file() or videos_dir.suffix:
             videos_dir = videos_dir.parent
+        checkpoint = cfg.checkpoint
+        if not cfg.skip_finetune:
+            print(f"[reproduce] split {k}: fine-tuning {cfg.backbone} on its training videos",
+                  file=sys.stderr)
+            checkpoint = finetune_backbone(cfg, proto.stride, k, items, videos_dir, out)
         print(f"[reproduce] split {k}: features of {videos_dir}", file=sys.stderr)
         base = extract_features(cfg, proto.stride, videos_dir, checkpoint, out)
         store, left_out = split_store(base, items, classes, out / f"store-split{k}")

@@ -3,7 +3,6 @@ backbone, 2 clips x 4 frames of 32 px, 1 epoch)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -77,10 +76,15 @@ def test_reproduce_hmdb51_and_kinetics(tmp_path, capsys):
         for k in (1, 2, 3):
             (hmdb / "splits" / f"{c}_test_split{k}.txt").write_text(
                 "".join(f"{c}_{n} {f}\n" for n, f in flags.items()))
+    # with the fine-tuning stage (catnet.finetune): features come from the fine-tuned backbone
     assert main(["reproduce", "hmdb51", "--root", str(hmdb), "--out", str(tmp_path / "h"), "--splits", "2",
-                 *TINY]) == 0
+                 *TINY[1:]]) == 0
     res = json.loads((tmp_path / "h" / "results.json").read_text())
     assert list(res["splits"]) == ["2"] and res["splits"]["2"]["heads"]["catnet"]["n"] == 2  # flag 0 unused
+    ckpt = json.loads((tmp_path / "h" / "finetune-split2" / "reproduce_done.json").read_text())["checkpoint"]
+    assert Path(ckpt).is_file()
+    store = next((tmp_path / "h").glob("features-*"))
+    assert json.loads((store / "manifest.json").read_text())["checkpoint"] == ckpt
 
     kin = tmp_path / "kinetics"
     for split, csv_name in (("train", "train.csv"), ("val", "validate.csv")):
@@ -102,6 +106,5 @@ def test_reproduce_refuses_bad_input(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["reproduce", "ucf101", "--root", str(tmp_path), "--splits", "4", *TINY]) == 2
     assert "not [4]" in capsys.readouterr().err
-    if importlib.util.find_spec("catnet.finetune") is None:  # the fine-tuning stage is not built yet
-        assert main(["reproduce", "ucf101", "--root", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
-        assert "--skip-finetune" in capsys.readouterr().err
+    assert main(["reproduce", "ucf101", "--root", str(tmp_path), "--checkpoint", "x.pt"]) == 2
+    assert "--skip-finetune" in capsys.readouterr().err

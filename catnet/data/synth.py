@@ -107,7 +107,7 @@ def _swap(u, p):
 def _zigzag(u, p):
     x = p["sign"] * p["amp"] * u
     tri = 2 * np.abs(((p["cycles"] * 2 * u) % 2) - 1) - 1  # triangle wave in [-1, 1]
-    y = 0.35 * p["amp"] * (tri - 1) / 2 * -1
+    y = 0.35 * p["amp"] * (1 - tri) / 2
     return np.stack([x, y], 1), _zeros(u), _ones(u)
 
 
