@@ -61,3 +61,13 @@ def make_video(tmp_path):
         return write_video(tmp_path / name, video, fps=fps, codec=codec)
 
     return _make
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests that run several torch processes at once (extraction workers,
+    torchrun ranks, killed children): on 2 cores, extra OpenMP threads only contend."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -18,13 +18,7 @@ TINY = ["--backbone", "i3d_inception", "--no-pretrained", "--clips", "2", "--fra
         "--crops", "3", "--short-side", "40", "--crop-size", "32", "--batch", "4", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared CI machine, spinning OpenMP threads cost more than they give."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from catnet.cli import main
 from catnet.features import FeatureStore
@@ -23,13 +22,7 @@ TINY = ["--backbone", "i3d_inception", "--no-pretrained", "--clips", "2", "--fra
         "--workers", "0", "--shard-size", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared CI machine, spinning OpenMP threads cost more than they give."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Runs `catnet` with every shard write held open for a moment *between* writing the temporary file

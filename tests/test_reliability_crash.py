@@ -24,12 +24,8 @@ from catnet.video.encode import write_video
 SEED = 20240610  # fixed: a failure must be reproducible
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the killed children run one thread too: same float sums as this process
-    yield
-    torch.set_num_threads(n)
+# The killed children run one thread too: same float sums as this process.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_extraction_killed_at_random_points_resumes_to_the_clean_store(tmp_path):

@@ -25,13 +25,7 @@ from catnet.train import load_run, train
 from catnet.video import ClipSampling, SpatialConfig, clip_times, sample_clips, train_view
 from catnet.video import transforms as T
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

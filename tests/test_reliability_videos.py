@@ -21,12 +21,7 @@ TINY = ExtractConfig(backbone="i3d_r50", pretrained=False, num_clips=2, clip_len
                      short_side=32, crop_size=32, batch_size=4, workers=0, shard_size=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core CI box: OpenMP spinning costs more than it gives
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

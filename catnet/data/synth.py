@@ -204,10 +204,13 @@ def _smooth_walk(rng: np.random.Generator, t: int, speed: float, lo: float, hi: 
     return pos
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """A float (h, w, 3) textured background: stripes, checks or blotches of a random colour pair."""
-    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-    strength = rng.uniform(0.1, 0.6)
+def _background(rng: np.random.Generator, h: int, w: int, dark: bool) -> np.ndarray:
+    """A float (h, w, 3) background: faint stripes, checks or blotches of two close colours. Kept low in
+    contrast on purpose: a busy texture swamps the objects' motion in a frozen backbone's features."""
+    lo, hi = (10, 100) if dark else (155, 245)
+    c0 = rng.uniform(lo, hi, 3)
+    c1 = np.clip(c0 + rng.uniform(-40, 40, 3), 0, 255)
+    strength = rng.uniform(0.2, 0.6)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     kind = rng.integers(3)
     if kind == 0:
@@ -260,11 +263,12 @@ def render(spec: VideoSpec, cfg: SynthConfig) -> np.ndarray:
     mot = np.random.default_rng(spec.motion_seed)
 
     margin = 6
-    bg = _background(app, h + 2 * margin, w + 2 * margin)
-    shake_amp = app.uniform(0, 3)
+    dark = bool(app.integers(2))  # dark background with bright objects, or the reverse: high contrast
+    bg = _background(app, h + 2 * margin, w + 2 * margin, dark)
+    shake_amp = app.uniform(0, 2)
     shake = np.cumsum(app.normal(0, 1, (t, 2)), 0)
     shake = np.round(shake_amp * shake / (np.abs(shake).max() + 1e-9)).astype(int) + margin
-    noise = app.uniform(0, 8)
+    noise = app.uniform(0, 5)
     size = min(h, w)
     drift = app.uniform(0.002, 0.006)
 
@@ -276,8 +280,9 @@ def render(spec: VideoSpec, cfg: SynthConfig) -> np.ndarray:
         objs.append(dict(
             pos=_smooth_walk(app, t, drift if actor else drift * 2.5, 0.3 if actor else 0.1,
                              0.7 if actor else 0.9),
-            r=np.full(t, size * app.uniform(0.07, 0.12)),
-            color=app.uniform(0, 255, 3),
+            # actors span 24-34% of the frame: large enough for a 112 px, stride-8 backbone to track
+            r=np.full(t, size * (app.uniform(0.12, 0.17) if actor else app.uniform(0.06, 0.1))),
+            color=app.uniform(170, 255, 3) if dark else app.uniform(0, 85, 3),
             square=bool(app.integers(2)),
         ))
 
@@ -288,7 +293,7 @@ def render(spec: VideoSpec, cfg: SynthConfig) -> np.ndarray:
     gap = b0 - a0
     if np.linalg.norm(gap) < 0.2:  # two-actor motions need room between the actors
         gap = gap / (np.linalg.norm(gap) + 1e-9) * 0.2 if np.linalg.norm(gap) > 1e-6 else np.array([0.2, 0])
-    params = dict(amp=mot.uniform(0.25, 0.4), cycles=int(mot.integers(2, 4)),
+    params = dict(amp=mot.uniform(0.3, 0.45), cycles=int(mot.integers(2, 4)),
                   sign=float(mot.choice([-1, 1])), gap=gap)
     off_a, off_b, scale = MOTIONS[spec.label](u, params)
     objs[0]["pos"] = objs[0]["pos"] + off_a
