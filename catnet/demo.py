@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import re
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,15 +46,15 @@ class DemoConfig:
     out: str = "catnet-demo"
     # dataset (catnet.data.synth)
     classes: int = 10
-    videos_per_class: int = 16
+    videos_per_class: int = 40
     frame_size: int = 128
-    min_frames: int = 64
-    max_frames: int = 128
+    min_frames: int = 160
+    max_frames: int = 240
     data_seed: int = 0
     # extraction: scaled down from the paper's 10 clips x 32 frames (stride 4) x 3 crops of 224
     backbone: str = "i3d_inception"
     pretrained: bool = True
-    num_clips: int = 8
+    num_clips: int = 10
     clip_len: int = 16
     stride: int = 2
     num_crops: int = 1
@@ -61,10 +62,18 @@ class DemoConfig:
     crop_size: int = 112
     extract_batch: int = 8
     workers: int = 1
+    # Standardise every clip feature with the training split's per-dimension mean and std before the heads.
+    # Raw I3D features share a large positive mean, so FC-Norm's L2 normalisation (Eq. 4) maps every video
+    # to nearly the same direction; centring them first lets the normalised heads learn at all.
+    standardise: bool = True
     # training (catnet.train): paper recipe, shortened
     epochs: int = 10
     batch_size: int = 16
-    lr: float = 0.05  # the paper's 0.01 is for 90 epochs of 246k videos; few steps here
+    # Two learning rates: heads whose classifier sees raw (standardised) features, and heads whose
+    # classifier sees L2-normalised vectors (FC-Norm, Attention Clusters' shifting): unit-norm inputs give
+    # small logits and need a far larger step. Both picked on a held-out part of the train split.
+    lr: float = 0.03
+    lr_normalised: float = 1.0
     lr_step: int = 8
     weight_decay: float = 1e-4
     train_views: int = 8
@@ -150,11 +159,48 @@ def make_store(cfg: DemoConfig, annotations: Path, out: Path, progress: bool) ->
     return store
 
 
+def standardise_store(src: Path, split: str = "train") -> Path:
+    """A copy of store `src` (beside it, `-std` suffix) with every clip feature standardised by the
+    per-dimension mean and std of the `split` videos' clips; reused when already complete."""
+    from catnet.features.store import FeatureStore, StoreWriter
+
+    dst = src.with_name(src.name + "-std")
+    marker = dst / "standardised.json"
+    if marker.is_file():
+        return dst
+    if dst.exists():  # an interrupted copy: start over, it takes seconds
+        shutil.rmtree(dst)
+    fs = FeatureStore(src)
+    idx = fs.split(split)
+    if not idx:
+        raise CatnetError(f"store {src} has no {split!r} videos to take feature statistics from")
+    x = np.concatenate([fs[i].features for i in idx]).astype(np.float64)
+    mean, std = x.mean(0), x.std(0)
+    std = np.maximum(std, 1e-3 * std.mean())  # dead ReLU channels: no blow-up
+    manifest = {**fs.manifest, "standardised": {"split": split, "from": src.name}}
+    with StoreWriter(dst, manifest, shard_size=64, journal=False) as w:
+        for v in fs:
+            w.add(v.id, ((v.features - mean) / std).astype(np.float32), v.times, label=v.label,
+                  split=v.split, path=v.path, num_crops=v.num_crops)
+    np.savez(dst / "stats.npz", mean=mean, std=std)  # to standardise new videos the same way
+    atomic_write_json(marker, {"source": str(src), "split": split, "videos": len(fs)})
+    return dst
+
+
+def head_lr(cfg: DemoConfig, name: str, opts: dict) -> float:
+    from catnet.heads import CATNetConfig
+
+    normalised = name == "attention_clusters" or (
+        name in ("catnet", "local") and opts.get("fc_norm", CATNetConfig.fc_norm))
+    return cfg.lr_normalised if normalised else cfg.lr
+
+
 def train_config(cfg: DemoConfig, store: Path, run_dir: Path, name: str, opts: dict, seed: int):
     from catnet.train import TrainConfig
 
     return TrainConfig(store=str(store), out=str(run_dir), head=name, head_options=dict(opts),
-                       epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, lr_step=cfg.lr_step,
+                       epochs=cfg.epochs, batch_size=cfg.batch_size, lr=head_lr(cfg, name, opts),
+                       lr_step=cfg.lr_step,
                        weight_decay=cfg.weight_decay, train_views=cfg.train_views, seed=seed, device="cpu",
                        progress=False)
 
@@ -164,6 +210,19 @@ def _finished(run_dir: Path, epochs: int) -> bool:
 
     hist = read_history(run_dir)
     return (run_dir / "checkpoints" / "last.pt").is_file() and bool(hist) and hist[-1]["epoch"] >= epochs
+
+
+def _stale(run_dir: Path, tcfg) -> bool:
+    """True when a run folder was trained with other settings (a changed demo.yaml): retrain it."""
+    from catnet.config import to_dict
+    from catnet.train import read_run_info
+
+    if not (run_dir / "run.json").is_file():
+        return False
+    prev = read_run_info(run_dir).get("train", {})
+    keys = ("store", "lr", "batch_size", "lr_step", "weight_decay", "train_views", "head_options")
+    new = to_dict(tcfg)
+    return any(prev.get(k) != new[k] for k in keys)
 
 
 def train_all(cfg: DemoConfig, store: Path, out: Path, jobs: list[tuple[str, dict, int]],
@@ -181,9 +240,11 @@ def train_all(cfg: DemoConfig, store: Path, out: Path, jobs: list[tuple[str, dic
         run_dir = out / "runs" / slug / f"seed{seed}"
         runs[(slug, seed)] = run_dir
         bar.set_postfix_str(f"{_label(name, opts)} seed {seed}")
+        tcfg = train_config(cfg, store, run_dir, name, opts, seed)
+        if _stale(run_dir, tcfg):
+            shutil.rmtree(run_dir)
         if _finished(run_dir, cfg.epochs):
             continue
-        tcfg = train_config(cfg, store, run_dir, name, opts, seed)
         tcfg.resume = (run_dir / "checkpoints" / "last.pt").is_file()
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "train.log", "a") as log, contextlib.redirect_stderr(log), \
@@ -295,6 +356,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
           f"{cfg.num_clips} clips x {cfg.clip_len} frames (stride {cfg.stride}) x {cfg.num_crops} crop(s) of "
           f"{cfg.crop_size}px", file=sys.stderr)
     store = make_store(cfg, annotations, out, progress)
+    if cfg.standardise:
+        store = standardise_store(store)
     stage("features")
 
     t1, t2 = variants(cfg)
@@ -350,8 +413,10 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
                 f"{cfg.backbone} ({'Kinetics-400' if cfg.pretrained else 'random'} weights), {cfg.num_clips} "
                 f"clips x {cfg.clip_len} frames (stride {cfg.stride}) x {cfg.num_crops} crop(s) of "
                 f"{cfg.crop_size}px from a {cfg.short_side}px short side (the paper: 10 x 32 frames, stride "
-                f"4, 3 crops of 224); heads trained {cfg.epochs} epochs, batch {cfg.batch_size}, lr "
-                f"{cfg.lr} x0.1 every {cfg.lr_step}, {len(cfg.seeds)} seed(s); metrics from the last "
+                f"4, 3 crops of 224){', standardised by train-split statistics' if cfg.standardise else ''}; "
+                f"heads trained {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr} (raw-feature heads) "
+                f"/ {cfg.lr_normalised} (L2-normalised heads) x0.1 every {cfg.lr_step}, {len(cfg.seeds)} "
+                "seed(s); metrics from the last "
                 "checkpoint on the test split.")
     extra = "\n\n".join([settings, "### Table 1", markdown_table(HEAD1, rows1), "### Table 2",
                          markdown_table(HEAD2, rows2), att_md])

@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -56,3 +57,51 @@ def test_bad_demo_config_is_one_line_error(tmp_path, capsys):
     assert main(["demo", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "clases" in capsys.readouterr().err
     assert main(["demo", "--seeds", "0", "--out", str(tmp_path / "o")]) == 2
+
+
+def test_standardised_store_uses_train_statistics_only(tmp_path):
+    from catnet.demo import standardise_store
+    from catnet.features.store import FeatureStore
+
+    rng = np.random.default_rng(0)
+    # a large shared positive mean, like pooled post-ReLU features; the test videos are shifted further
+    feats = rng.normal(5.0, 2.0, (6, 4, 8))
+    feats[4:] += 3.0
+    src = tmp_path / "store"
+    FeatureStore.write_synthetic(src, feats, [0, 1, 0, 1, 0, 1], ["a", "b"],
+                                 splits=["train"] * 4 + ["test"] * 2)
+    dst = standardise_store(src)
+    fs = FeatureStore(dst)
+    train = np.concatenate([fs[i].features for i in fs.split("train")])
+    test = np.concatenate([fs[i].features for i in fs.split("test")])
+    np.testing.assert_allclose(train.mean(0), 0, atol=2e-3)  # fp16 shards
+    np.testing.assert_allclose(train.std(0), 1, atol=2e-3)
+    assert test.mean() > 0.5  # the test videos did not contribute to the statistics
+    assert [fs[i].label for i in range(6)] == [0, 1, 0, 1, 0, 1] and fs.classes == ["a", "b"]
+    assert fs.manifest["standardised"]["split"] == "train"
+    mtime = (dst / "standardised.json").stat().st_mtime_ns
+    assert standardise_store(src) == dst and (dst / "standardised.json").stat().st_mtime_ns == mtime
+
+
+def test_learning_rate_per_head_family():
+    from catnet.demo import head_lr
+
+    cfg = DemoConfig(lr=0.03, lr_normalised=1.0)
+    assert head_lr(cfg, "avgpool", {}) == 0.03
+    assert head_lr(cfg, "local", {"fc_norm": False}) == 0.03
+    assert head_lr(cfg, "local", {"fc_norm": True}) == 1.0
+    assert head_lr(cfg, "catnet", {"num_heads": 4, "aggregation": "sum"}) == 1.0
+    assert head_lr(cfg, "attention_clusters", {}) == 1.0
+
+
+@pytest.mark.slow
+def test_changed_learning_rate_retrains_instead_of_reusing(tmp_path):
+    out = tmp_path / "demo"
+    cfg = tmp_path / "demo.yaml"
+    assert main(["demo", "--tiny", "--out", str(out), "--no-progress"]) == 0
+    ckpt = out / "runs" / "avgpool" / "seed0" / "checkpoints" / "last.pt"
+    before = ckpt.stat().st_mtime_ns
+    cfg.write_text("lr: 0.001\n")
+    assert main(["demo", "--tiny", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    run = json.loads((out / "runs" / "avgpool" / "seed0" / "run.json").read_text())
+    assert run["train"]["lr"] == 0.001 and ckpt.stat().st_mtime_ns != before
