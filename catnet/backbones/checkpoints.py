@@ -36,6 +36,7 @@ from catnet.backbones.common import (
     KINETICS_STD,
     MMACTION2_MEAN,
     MMACTION2_STD,
+    check_state_fits,
     load_checkpoint_file,
     read_safetensors_metadata,
     save_safetensors,
@@ -312,15 +313,7 @@ def load_i3d_r50_weights(path: str | Path, options: Mapping[str, Any]):
 
 
 def _load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str | Path) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-                 if keys]
-        raise CatnetError(f"checkpoint {source} does not fit i3d_r50: {'; '.join(parts)}")
+    check_state_fits(model.state_dict(), state, source, "i3d_r50")
     model.load_state_dict(state)
 
 

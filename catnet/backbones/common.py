@@ -226,3 +226,16 @@ def iter_named_pairs(parent: nn.Module, pairs: Iterable[tuple[str, str]]
     for conv, bn in pairs:
         if hasattr(parent, conv) and hasattr(parent, bn):
             yield parent, conv, bn
+
+
+def check_state_fits(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], source,
+                     name: str) -> None:
+    """One-line CatnetError naming the missing / unexpected / wrongly shaped keys of `state` against `own`."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                 if keys]
+        raise CatnetError(f"checkpoint {source} does not fit {name}: {'; '.join(parts)}")

@@ -27,7 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from catnet.backbones.checkpoints import unwrap_state_dict
-from catnet.backbones.common import load_checkpoint_file, read_safetensors_metadata, weights_id
+from catnet.backbones.common import (
+    check_state_fits,
+    load_checkpoint_file,
+    read_safetensors_metadata,
+    weights_id,
+)
 from catnet.errors import CatnetError
 from catnet.paths import read_labels
 
@@ -222,14 +227,7 @@ def _load_into(model: InceptionI3d, state: dict[str, torch.Tensor], source: Path
     own = {k: v for k, v in model.state_dict().items() if keep_head or not k.startswith("logits.")}
     if not keep_head:
         state = {k: v for k, v in state.items() if not k.startswith("logits.")}
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-                 if keys]
-        raise CatnetError(f"checkpoint {source} does not fit i3d_inception: {'; '.join(parts)}")
+    check_state_fits(own, state, source, "i3d_inception")
     model.load_state_dict(state, strict=keep_head)
 
 
