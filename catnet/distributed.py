@@ -68,8 +68,12 @@ def barrier() -> None:
         td.barrier()
 
 
-def cleanup() -> None:
+def cleanup(ok: bool = True) -> None:
+    """Tear down the process group. After success (`ok`), ranks first wait for each other: a rank that
+    destroys its gloo group while a peer is still writing its last files can abort at exit."""
     if is_initialized():
+        if ok:
+            td.barrier()
         td.destroy_process_group()
 
 

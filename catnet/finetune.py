@@ -311,10 +311,13 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune `cfg.backbone` on the videos of `cfg.source` into `cfg.out`; returns the run summary."""
     cfg.check()
     info = dist.init_distributed(cfg.device)
+    ok = False
     try:
-        return _finetune(cfg, info)
+        result = _finetune(cfg, info)
+        ok = True
+        return result
     finally:
-        dist.cleanup()
+        dist.cleanup(ok)
 
 
 def _finetune(cfg: FinetuneConfig, info: dist.DistInfo) -> dict[str, Any]:

@@ -296,10 +296,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train a head on `cfg.store` into `cfg.out`; returns the run summary (history, best epoch, ...)."""
     cfg.check()
     info = dist.init_distributed(cfg.device)
+    ok = False
     try:
-        return _train(cfg, info)
+        result = _train(cfg, info)
+        ok = True
+        return result
     finally:
-        dist.cleanup()
+        dist.cleanup(ok)
 
 
 def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
