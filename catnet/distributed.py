@@ -6,6 +6,7 @@ so the training and evaluation code is the same with or without torchrun.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -66,6 +67,18 @@ def is_main() -> bool:
 def barrier() -> None:
     if is_initialized():
         td.barrier()
+
+
+@contextlib.contextmanager
+def session(device: str = "auto") -> Iterator[DistInfo]:
+    """`with session(device) as info:` join the process group for the block, leave it after (see cleanup)."""
+    info = init_distributed(device)
+    ok = False
+    try:
+        yield info
+        ok = True
+    finally:
+        cleanup(ok)
 
 
 def cleanup(ok: bool = True) -> None:

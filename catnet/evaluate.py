@@ -330,14 +330,9 @@ def _pct(x: float) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise CatnetError(f"--batch-size must be >= 1, got {args.batch_size}")
-    info = dist.init_distributed(args.device)
-    ok = False
-    try:
+    with dist.session(args.device) as info:
         out = evaluate_splits(args.runs, args.store, args.split, which=args.which, batch_size=args.batch_size,
                               device=info.device, num_workers=args.num_workers, progress=not args.json)
-        ok = True
-    finally:
-        dist.cleanup(ok)
     if info.rank != 0:
         return 0
     if args.json:

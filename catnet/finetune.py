@@ -310,14 +310,8 @@ class _EvalClips(torch.utils.data.Dataset):
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune `cfg.backbone` on the videos of `cfg.source` into `cfg.out`; returns the run summary."""
     cfg.check()
-    info = dist.init_distributed(cfg.device)
-    ok = False
-    try:
-        result = _finetune(cfg, info)
-        ok = True
-        return result
-    finally:
-        dist.cleanup(ok)
+    with dist.session(cfg.device) as info:
+        return _finetune(cfg, info)
 
 
 def _finetune(cfg: FinetuneConfig, info: dist.DistInfo) -> dict[str, Any]:

@@ -295,14 +295,8 @@ def _fmt(x: float | None, pct: bool = True) -> str:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train a head on `cfg.store` into `cfg.out`; returns the run summary (history, best epoch, ...)."""
     cfg.check()
-    info = dist.init_distributed(cfg.device)
-    ok = False
-    try:
-        result = _train(cfg, info)
-        ok = True
-        return result
-    finally:
-        dist.cleanup(ok)
+    with dist.session(cfg.device) as info:
+        return _train(cfg, info)
 
 
 def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
