@@ -36,7 +36,7 @@ from catnet.metrics import MetricAccumulator
 
 
 class ClipFeatureDataset(Dataset):
-    """Store videos as (features (V', D) float32, label, store index), indexed by *store index*.
+    """Store videos as (features (V', D) in the stored dtype, label, store index), indexed by *store index*.
 
     With `max_views`, each fetch keeps a random subset of at most that many views (kept in temporal
     order) — the paper's "randomly choose a few features to train". The subset depends only on
@@ -57,16 +57,17 @@ class ClipFeatureDataset(Dataset):
         return len(self.store)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int, int]:
-        feats = self.store[index].features
-        if self.max_views is not None and feats.shape[0] > self.max_views:
+        # Only the chosen views are read, in the stored dtype (float16); collate widens the whole batch.
+        views = self.store.num_views(index)
+        keep = None
+        if self.max_views is not None and views > self.max_views:
             rng = np.random.default_rng([self.seed, self.epoch, index])
-            keep = np.sort(rng.choice(feats.shape[0], self.max_views, replace=False))
-            feats = feats[keep]
-        return feats, int(self.labels[index]), index
+            keep = np.sort(rng.choice(views, self.max_views, replace=False))
+        return self.store.read_features(index, keep), int(self.labels[index]), index
 
 
 def pad_collate(batch: list[tuple[np.ndarray, int, int]]) -> dict[str, torch.Tensor]:
-    """Zero-pad videos to the batch's longest; mask (B, K) is True on real views."""
+    """Zero-pad videos to the batch's longest as float32; mask (B, K) is True on real views."""
     k = max(f.shape[0] for f, _, _ in batch)
     x = torch.zeros(len(batch), k, batch[0][0].shape[1], dtype=torch.float32)
     mask = torch.zeros(len(batch), k, dtype=torch.bool)

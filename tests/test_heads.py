@@ -25,7 +25,7 @@ from catnet.heads import (
     variant_label,
 )
 from catnet.heads.catnet import FCNorm, GlobalAttention, LocalAttention, aggregate
-from catnet.heads.common import masked_softmax
+from catnet.heads.common import Dropout, masked_softmax
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "heads"
 D, C = 6, 5
@@ -36,6 +36,8 @@ VARIANTS = [
     ("catnet", {"num_heads": 3, "aggregation": "sum"}),
     ("catnet", {"num_heads": 3, "per_head_fc": True, "fc_dim": 4}),
     ("catnet", {"num_heads": 2, "global_features": "raw"}),
+    ("catnet", {"num_heads": 8}),  # more heads than clips: Eq. 4's FC runs on the clips (see below)
+    ("local", {"num_heads": 8, "fc_norm": True, "aggregation": "sum"}),
     ("local", {"num_heads": 3, "fc_norm": False}),
     ("local", {"num_heads": 3, "fc_norm": True}),
     ("avgpool", {}),
@@ -260,6 +262,47 @@ def test_head_matches_hand_computation(name, options, batch):
             else:
                 np.testing.assert_allclose(P(out[key][b]), ref, atol=1e-12)
     assert torch.equal(head(x, mask), out["logits"])
+
+
+@pytest.mark.parametrize("num_heads", [3, 8])
+def test_fc_on_clips_equals_fc_on_heads(num_heads, batch, monkeypatch):
+    """FC(sum_j alpha_ij x_j) = sum_j alpha_ij FC(x_j): both orders give the same logits and gradients."""
+    x, mask = batch
+    head = make_head("catnet", {"num_heads": num_heads}).train()
+    head.drop.p = 0.0
+    assert head._fc_before_pooling(x.shape[1]) == (x.shape[1] < num_heads)
+
+    def run(fc_first):
+        monkeypatch.setattr(head, "_fc_before_pooling", lambda k: fc_first)
+        head.zero_grad()
+        out = head.forward_attention(x, mask)
+        out["logits"].square().sum().backward()
+        return out, {n: p.grad.clone() for n, p in head.named_parameters()}
+
+    (a, ga), (b, gb) = run(True), run(False)
+    for key in ("logits", "alpha", "beta"):
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-12)
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], rtol=0, atol=1e-10)
+
+
+def test_per_head_fc_never_runs_on_clips():
+    head = build_head("catnet", D, C, num_heads=8, per_head_fc=True)
+    assert not head._fc_before_pooling(1)
+
+
+def test_dropout_cpu_mask():
+    torch.manual_seed(0)
+    drop = Dropout(0.3)
+    x = torch.ones(200_000, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.005
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.7)
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(Dropout(0.0).train()(x), x)
 
 
 def test_avgpool_is_mean_of_clip_features_then_fc(batch):

@@ -19,6 +19,7 @@ none of them; the journal is emptied after every shard write and folded into a s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -32,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from catnet.errors import CatnetError
@@ -77,7 +77,11 @@ class VideoFeatures:
 
 def read_shard_header(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON header of a safetensors file, read directly: opening 10^4 shards stays cheap."""
-    path = Path(path)
+    return _read_header(Path(path))[0]
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(header, header length n): tensor data starts at byte 8 + n."""
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -91,13 +95,17 @@ def read_shard_header(path: str | os.PathLike) -> dict[str, Any]:
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         if 8 + n + end > size:
             raise ValueError("tensor data beyond end of file (truncated copy?)")
-        return header
+        return header, n
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CatnetError(f"corrupt feature shard {path}: {e}; delete it and rerun extraction") from None
 
 
 def read_shard_videos(path: Path) -> list[dict[str, Any]]:
-    meta = read_shard_header(path).get("__metadata__") or {}
+    return _videos(path, read_shard_header(path))
+
+
+def _videos(path: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
+    meta = header.get("__metadata__") or {}
     try:
         return json.loads(meta["videos"])
     except (KeyError, ValueError):
@@ -160,11 +168,39 @@ def _read_failures(root: Path) -> list[dict[str, Any]]:
     return out
 
 
+_DTYPES = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "I64": np.dtype("<i8")}
+
+
+@dataclass
+class _ShardLayout:
+    """Byte positions of a shard's tensors (from its safetensors header) and its per-video row offsets."""
+
+    starts: dict[str, int]
+    shapes: dict[str, list[int]]
+    dtypes: dict[str, np.dtype]
+    rows: np.ndarray | None = None  # feature rows of video i: rows[i]:rows[i + 1]
+    clip_rows: np.ndarray | None = None  # same for `times`
+
+    @classmethod
+    def parse(cls, path: Path, header: dict[str, Any], n: int) -> _ShardLayout:
+        starts, shapes, dtypes = {}, {}, {}
+        try:
+            for name in ("features", "offsets", "times"):
+                t = header[name]
+                starts[name] = 8 + n + int(t["data_offsets"][0])
+                shapes[name] = [int(x) for x in t["shape"]]
+                dtypes[name] = _DTYPES[t["dtype"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CatnetError(f"corrupt feature shard {path}: bad or missing tensor entry ({e}); delete it "
+                              "and rerun extraction") from None
+        return cls(starts, shapes, dtypes)
+
+
 class FeatureStore:
     """Read a feature store: `store[id_or_index] -> VideoFeatures`, `len`, iteration, splits.
 
-    Opening reads only the manifest and shard headers; features are read per video from
-    memory-mapped shards, with at most `max_open` shards open at a time (LRU). Videos are ordered
+    Opening reads only the manifest and shard headers; features are read per video with one `pread`,
+    with at most `max_open` shard files open at a time (LRU). Videos are ordered
     by id, so a store reads the same whichever number of processes wrote it. Videos of an interrupted
     (or running) extraction that are still in a writer's journal are read from it too, read-only.
     """
@@ -189,11 +225,11 @@ class FeatureStore:
         self._by_id: dict[str, int] = {}
         self._ids: list[str] = []
         self._labels = np.zeros(0, np.int64)
-        self._open: OrderedDict[str, Any] = OrderedDict()
-        self._offsets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._open: OrderedDict[str, int] = OrderedDict()  # shard name -> file descriptor (LRU)
+        self._layouts: dict[str, _ShardLayout] = {}
         self._journaled: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # id -> (features fp16, times)
 
-    # pickling (DataLoader workers) drops open handles; each process reopens its own.
+    # pickling (DataLoader workers) drops open descriptors; each process reopens its own.
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_open"] = OrderedDict()
@@ -221,11 +257,12 @@ class FeatureStore:
                     journaled.setdefault(rec["id"], (rec, feats, times))
             for shard in self.shards:
                 # a foreign or hand-edited shard of another width would fail deep inside a head; say so here
-                shape = (read_shard_header(shard).get("features") or {}).get("shape") or [0, want]
+                header = read_shard_header(shard)
+                shape = (header.get("features") or {}).get("shape") or [0, want]
                 if want and len(shape) == 2 and shape[1] != want:
                     raise CatnetError(f"feature shard {shard} holds {shape[1]}-d features but the store's "
                                       f"manifest says {want}; it does not belong to this store")
-                for row, rec in enumerate(read_shard_videos(shard)):
+                for row, rec in enumerate(_videos(shard, header)):
                     entries.setdefault(rec["id"], (shard.name, row, rec))  # first shard wins on duplicates
             # "" marks a journal entry; a shard wins over a journal record (flushed, not yet truncated)
             self._journaled = {vid: (f, t) for vid, (rec, f, t) in journaled.items() if vid not in entries}
@@ -270,37 +307,92 @@ class FeatureStore:
         latest = {rec["id"]: rec for rec in _read_failures(self.root)}
         return [rec for vid, rec in sorted(latest.items()) if vid not in self._by_id]
 
-    def _handle(self, shard: str):
-        f = self._open.pop(shard, None)
-        if f is None:
-            f = safe_open(str(self.root / SHARDS / shard), framework="numpy")
+    def _fd(self, shard: str) -> int:
+        fd = self._open.pop(shard, None)
+        if fd is None:
+            fd = os.open(self.root / SHARDS / shard, os.O_RDONLY)
             while len(self._open) >= self.max_open:
-                self._open.popitem(last=False)  # dropping the handle unmaps the file
-        self._open[shard] = f
-        return f
+                os.close(self._open.popitem(last=False)[1])
+        self._open[shard] = fd
+        return fd
 
-    def _shard_offsets(self, shard: str, f) -> tuple[np.ndarray, np.ndarray]:
-        if shard not in self._offsets:
-            offsets = f.get_tensor("offsets").astype(np.int64)
-            recs = read_shard_videos(self.root / SHARDS / shard)
-            clip_offsets = np.concatenate([[0], np.cumsum([r["num_clips"] for r in recs])]).astype(np.int64)
-            self._offsets[shard] = (offsets, clip_offsets)
-        return self._offsets[shard]
+    def _layout(self, shard: str) -> _ShardLayout:
+        """Where each tensor's bytes lie in a shard, and its per-video row offsets (cached per shard)."""
+        layout = self._layouts.get(shard)
+        if layout is None:
+            path = self.root / SHARDS / shard
+            header, n = _read_header(path)
+            layout = _ShardLayout.parse(path, header, n)
+            offsets = self._pread(shard, layout, "offsets", 0, layout.shapes["offsets"][0]).astype(np.int64)
+            recs = _videos(path, header)
+            clips = np.concatenate([[0], np.cumsum([r["num_clips"] for r in recs])]).astype(np.int64)
+            layout.rows, layout.clip_rows = offsets, clips
+            self._layouts[shard] = layout
+        return layout
+
+    def _pread(self, shard: str, layout: _ShardLayout, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of tensor `name`, read with one pread into a fresh (writable) array."""
+        dtype, row_shape = layout.dtypes[name], layout.shapes[name][1:]
+        row_bytes = dtype.itemsize * int(np.prod(row_shape, dtype=np.int64))
+        buf = bytearray((stop - start) * row_bytes)
+        # a pread per video: no page-fault per 4 KB as with a memory map, no file-position state to share
+        n = os.preadv(self._fd(shard), [buf], layout.starts[name] + start * row_bytes) if buf else 0
+        if n != len(buf):
+            raise CatnetError(f"corrupt feature shard {self.root / SHARDS / shard}: {name} rows "
+                              f"{start}-{stop} cut short; delete it and rerun extraction")
+        return np.frombuffer(buf, dtype).reshape(stop - start, *row_shape)
+
+    def read_features(self, key: int | str, rows: Sequence[int] | None = None) -> np.ndarray:
+        """One video's (V, D) features in the stored dtype (float16), without the float32 copy.
+
+        `rows`: sorted view indices to read (e.g. training's random subset); only their bytes are read,
+        one pread per run of consecutive rows.
+        """
+        index = self._build_index()
+        shard, row, rec = index[self._position(key)]
+        if not shard:
+            feats = self._journaled[rec["id"]][0]
+            return feats if rows is None else feats[np.asarray(rows, dtype=np.int64)]
+        layout = self._layout(shard)
+        first, stop = int(layout.rows[row]), int(layout.rows[row + 1])
+        if rows is None:
+            return self._pread(shard, layout, "features", first, stop)
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows[0] < 0 or rows[-1] >= stop - first or np.any(np.diff(rows) <= 0)):
+            raise CatnetError(f"rows must be sorted, distinct view indices below {stop - first}")
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(rows, breaks) if r.size]
+        parts = [self._pread(shard, layout, "features", first + a, first + b) for a, b in runs]
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if parts else np.zeros((0, layout.shapes["features"][1]), np.float16)
+
+    def num_views(self, key: int | str) -> int:
+        """How many views (clip x crop feature rows) a video has, without reading its features."""
+        shard, row, rec = self._build_index()[self._position(key)]
+        if not shard:
+            return int(self._journaled[rec["id"]][0].shape[0])
+        rows = self._layout(shard).rows
+        return int(rows[row + 1] - rows[row])
+
+    def _position(self, key: int | str) -> int:
+        if isinstance(key, str):
+            self._build_index()
+            if key not in self._by_id:
+                raise KeyError(key)
+            return self._by_id[key]
+        return key
 
     def __getitem__(self, key: int | str) -> VideoFeatures:
         index = self._build_index()
-        if isinstance(key, str):
-            if key not in self._by_id:
-                raise KeyError(key)
-            key = self._by_id[key]
-        shard, row, rec = index[key]
+        shard, row, rec = index[self._position(key)]
         if not shard:
             feats, times = self._journaled[rec["id"]]
         else:
-            f = self._handle(shard)
-            offsets, clip_offsets = self._shard_offsets(shard, f)
-            feats = f.get_slice("features")[int(offsets[row]): int(offsets[row + 1])]
-            times = f.get_slice("times")[int(clip_offsets[row]): int(clip_offsets[row + 1])]
+            layout = self._layout(shard)
+            feats = self._pread(shard, layout, "features", int(layout.rows[row]), int(layout.rows[row + 1]))
+            times = self._pread(shard, layout, "times", int(layout.clip_rows[row]),
+                                int(layout.clip_rows[row + 1]))
         return VideoFeatures(id=rec["id"], path=rec.get("path", ""), label=int(rec["label"]),
                              split=rec.get("split", ""), features=np.asarray(feats, dtype=np.float32),
                              times=np.asarray(times, dtype=np.float32), num_clips=int(rec["num_clips"]),
@@ -309,8 +401,8 @@ class FeatureStore:
     def nonfinite_ids(self, indices: Sequence[int] | None = None) -> list[str]:
         """Ids of the videos (among `indices`, default all) with any NaN/Inf feature, in store order.
 
-        Reads each shard's features once, vectorised: cheap next to one training epoch, so trainers
-        can refuse a poisoned store before the first step instead of mid-epoch.
+        Reads each shard's features once, vectorised: one extra pass per training run (not per epoch),
+        so trainers refuse a poisoned store before the first step instead of mid-epoch.
         """
         index = self._build_index()
         wanted = range(len(index)) if indices is None else sorted(set(int(i) for i in indices))
@@ -324,9 +416,10 @@ class FeatureStore:
                 continue
             rows_by_shard.setdefault(shard, []).append((row, i))
         for shard, rows in rows_by_shard.items():
-            f = self._handle(shard)
-            offsets, _ = self._shard_offsets(shard, f)
-            finite = np.isfinite(f.get_tensor("features")).all(axis=1)
+            layout = self._layout(shard)
+            offsets = layout.rows
+            feats = self._pread(shard, layout, "features", 0, int(offsets[-1]))
+            finite = np.isfinite(feats).all(axis=1)
             bad += [i for row, i in rows if not finite[offsets[row]: offsets[row + 1]].all()]
         return [self._ids[i] for i in sorted(bad)]
 
@@ -335,7 +428,12 @@ class FeatureStore:
             yield self[i]
 
     def close(self) -> None:
-        self._open.clear()
+        while self._open:
+            os.close(self._open.popitem()[1])
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # at interpreter shutdown `os` may already be gone
+            self.close()
 
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.root)!r}, backbone={self.manifest.get('backbone')!r})"

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from catnet.heads.catnet import LocalAttention
-from catnet.heads.common import HeadConfig, VideoHead, check_positive, l2_normalize_heads
+from catnet.heads.common import Dropout, HeadConfig, VideoHead, check_positive, l2_normalize_heads
 
 
 @dataclass
@@ -46,7 +46,7 @@ class AttentionClustersHead(VideoHead):
         self.local = LocalAttention(c.in_dim, c.num_heads)
         self.shift = Shift(c.num_heads)
         self.num_features = c.num_heads * c.in_dim
-        self.drop = nn.Dropout(c.dropout)
+        self.drop = Dropout(c.dropout)
         self.classifier = nn.Linear(self.num_features, c.num_classes)
 
     def _forward(self, x, mask):

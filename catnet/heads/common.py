@@ -73,6 +73,21 @@ class VideoHead(nn.Module):
         raise NotImplementedError
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout, with a faster mask on CPU.
+
+    PyTorch's CPU dropout draws its mask with bernoulli_, ~4x slower than uniform draws compared with p;
+    on the 65k-wide concatenation (Eq. 8) that was ~15 % of a CPU training step. Same distribution and
+    scaling; other devices keep the fused kernel.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or x.device.type != "cpu" or torch.jit.is_tracing():
+            return super().forward(x)
+        keep = torch.rand_like(x) >= self.p
+        return x * keep / (1.0 - self.p)
+
+
 def prepare_inputs(
     x: torch.Tensor, mask: torch.Tensor | None, in_dim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

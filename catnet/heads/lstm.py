@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from catnet.heads.common import HeadConfig, VideoHead, check_choice, check_positive, masked_mean
+from catnet.heads.common import Dropout, HeadConfig, VideoHead, check_choice, check_positive, masked_mean
 
 POOLINGS = ("last", "mean")
 
@@ -50,7 +50,7 @@ class LSTMHead(VideoHead):
         self.config = c = config
         self.lstm = nn.LSTM(c.in_dim, c.hidden_size, num_layers=c.num_layers, batch_first=True)
         self.num_features = c.hidden_size
-        self.drop = nn.Dropout(c.dropout)
+        self.drop = Dropout(c.dropout)
         self.classifier = nn.Linear(self.num_features, c.num_classes)
 
     def _forward(self, x, mask):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from catnet.heads.common import NORM_EPS, HeadConfig, VideoHead, check_positive
+from catnet.heads.common import NORM_EPS, Dropout, HeadConfig, VideoHead, check_positive
 
 
 @dataclass
@@ -46,7 +46,7 @@ class NetVLADHead(VideoHead):
         self.config = c = config
         self.vlad = NetVLAD(c.in_dim, c.num_clusters)
         self.num_features = c.num_clusters * c.in_dim
-        self.drop = nn.Dropout(c.dropout)
+        self.drop = Dropout(c.dropout)
         self.classifier = nn.Linear(self.num_features, c.num_classes)
 
     def _forward(self, x, mask):
