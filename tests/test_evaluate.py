@@ -10,7 +10,7 @@ import torch
 
 from catnet.cli import main as cli
 from catnet.errors import CatnetError
-from catnet.evaluate import evaluate, evaluate_splits, pad_collate, predict_store
+from catnet.evaluate import evaluate, evaluate_splits, nonfinite_ids, pad_collate, predict_store
 from catnet.features import FeatureStore
 from catnet.heads import build_head
 from catnet.metrics import (
@@ -78,6 +78,23 @@ def test_pad_collate_masks_padding():
     assert batch["x"].shape == (2, 4, 3)
     assert batch["mask"].tolist() == [[True, True, False, False], [True] * 4]
     assert batch["x"][0, 2:].abs().sum() == 0 and batch["index"].tolist() == [7, 3]
+
+
+def test_pad_collate_same_length_widens_float16():
+    feats = [np.full((3, 2), i, np.float16) for i in range(4)]
+    batch = pad_collate([(f, i, 10 + i) for i, f in enumerate(feats)])
+    assert batch["x"].dtype == torch.float32 and batch["x"].shape == (4, 3, 2)
+    assert batch["mask"].all() and batch["x"][:, 0, 0].tolist() == [0, 1, 2, 3]
+
+
+def test_batch_nonfinite_check_names_the_videos(tmp_path):
+    store = FeatureStore.write_synthetic(tmp_path / "s", [np.ones((2, 3), np.float32)] * 5, [0] * 5, ["a"])
+    x = torch.full((5, 2, 3), 65504.0)  # float16's largest: finite videos must stay finite when summed
+    x[1, 0, 0] = float("nan")
+    x[2, 1, 2] = float("inf")
+    x[3, 0, 1], x[3, 1, 1] = float("inf"), float("-inf")
+    batch = {"x": x, "index": torch.arange(5)}
+    assert nonfinite_ids(batch, store) == [store.ids[i] for i in (1, 2, 3)]
 
 
 def test_evaluate_matches_manual_loop(trained):

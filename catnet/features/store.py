@@ -178,6 +178,7 @@ class _ShardLayout:
     starts: dict[str, int]
     shapes: dict[str, list[int]]
     dtypes: dict[str, np.dtype]
+    row_bytes: dict[str, int]
     rows: np.ndarray | None = None  # feature rows of video i: rows[i]:rows[i + 1]
     clip_rows: np.ndarray | None = None  # same for `times`
 
@@ -193,7 +194,16 @@ class _ShardLayout:
         except (KeyError, TypeError, ValueError) as e:
             raise CatnetError(f"corrupt feature shard {path}: bad or missing tensor entry ({e}); delete it "
                               "and rerun extraction") from None
-        return cls(starts, shapes, dtypes)
+        row_bytes = {k: dtypes[k].itemsize * int(np.prod(shapes[k][1:], dtype=np.int64)) for k in shapes}
+        return cls(starts, shapes, dtypes, row_bytes)
+
+
+def _check_rows(rows: Sequence[int], num_views: int) -> list[int]:
+    rows = [int(r) for r in rows]
+    increasing = all(b > a for a, b in zip(rows, rows[1:], strict=False))
+    if not increasing or (rows and not 0 <= rows[0] <= rows[-1] < num_views):
+        raise CatnetError(f"rows must be sorted, distinct view indices below {num_views}, got {rows}")
+    return rows
 
 
 class FeatureStore:
@@ -205,7 +215,7 @@ class FeatureStore:
     (or running) extraction that are still in a writer's journal are read from it too, read-only.
     """
 
-    def __init__(self, path: str | os.PathLike, max_open: int = 32):
+    def __init__(self, path: str | os.PathLike, max_open: int = 128):
         self.root = Path(path)
         if not (self.root / MANIFEST).is_file():
             if not self.root.exists():
@@ -227,6 +237,7 @@ class FeatureStore:
         self._labels = np.zeros(0, np.int64)
         self._open: OrderedDict[str, int] = OrderedDict()  # shard name -> file descriptor (LRU)
         self._layouts: dict[str, _ShardLayout] = {}
+        self._shard_dir = str(self.root / SHARDS)
         self._journaled: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # id -> (features fp16, times)
 
     # pickling (DataLoader workers) drops open descriptors; each process reopens its own.
@@ -310,7 +321,7 @@ class FeatureStore:
     def _fd(self, shard: str) -> int:
         fd = self._open.pop(shard, None)
         if fd is None:
-            fd = os.open(self.root / SHARDS / shard, os.O_RDONLY)
+            fd = os.open(os.path.join(self._shard_dir, shard), os.O_RDONLY)
             while len(self._open) >= self.max_open:
                 os.close(self._open.popitem(last=False)[1])
         self._open[shard] = fd
@@ -331,16 +342,26 @@ class FeatureStore:
         return layout
 
     def _pread(self, shard: str, layout: _ShardLayout, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of tensor `name`, read with one pread into a fresh (writable) array."""
-        dtype, row_shape = layout.dtypes[name], layout.shapes[name][1:]
-        row_bytes = dtype.itemsize * int(np.prod(row_shape, dtype=np.int64))
-        buf = bytearray((stop - start) * row_bytes)
-        # a pread per video: no page-fault per 4 KB as with a memory map, no file-position state to share
-        n = os.preadv(self._fd(shard), [buf], layout.starts[name] + start * row_bytes) if buf else 0
-        if n != len(buf):
-            raise CatnetError(f"corrupt feature shard {self.root / SHARDS / shard}: {name} rows "
-                              f"{start}-{stop} cut short; delete it and rerun extraction")
-        return np.frombuffer(buf, dtype).reshape(stop - start, *row_shape)
+        """Rows [start, stop) of tensor `name`."""
+        return self._pread_runs(shard, layout, name, [(start, stop)])
+
+    def _pread_runs(self, shard: str, layout: _ShardLayout, name: str,
+                    runs: list[tuple[int, int]]) -> np.ndarray:
+        """Row ranges of tensor `name`, concatenated; one pread per range straight into the result.
+
+        A pread per range rather than a memory map: no page fault per 4 KB, no shared file position, and
+        an uninitialised destination (np.empty) so nothing is written twice.
+        """
+        dtype, row_shape, row_bytes = layout.dtypes[name], layout.shapes[name][1:], layout.row_bytes[name]
+        out = np.empty((sum(b - a for a, b in runs), *row_shape), dtype)
+        fd, base, at = self._fd(shard), layout.starts[name], 0
+        for a, b in runs:
+            n = b - a
+            if n and os.preadv(fd, [out[at: at + n]], base + a * row_bytes) != n * row_bytes:
+                raise CatnetError(f"corrupt feature shard {self.root / SHARDS / shard}: {name} rows "
+                                  f"{a}-{b} cut short; delete it and rerun extraction")
+            at += n
+        return out
 
     def read_features(self, key: int | str, rows: Sequence[int] | None = None) -> np.ndarray:
         """One video's (V, D) features in the stored dtype (float16), without the float32 copy.
@@ -348,24 +369,21 @@ class FeatureStore:
         `rows`: sorted view indices to read (e.g. training's random subset); only their bytes are read,
         one pread per run of consecutive rows.
         """
-        index = self._build_index()
-        shard, row, rec = index[self._position(key)]
+        shard, row, rec = self._build_index()[self._position(key)]
         if not shard:
             feats = self._journaled[rec["id"]][0]
-            return feats if rows is None else feats[np.asarray(rows, dtype=np.int64)]
+            return feats if rows is None else feats[_check_rows(rows, feats.shape[0])]
         layout = self._layout(shard)
         first, stop = int(layout.rows[row]), int(layout.rows[row + 1])
         if rows is None:
-            return self._pread(shard, layout, "features", first, stop)
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.size and (rows[0] < 0 or rows[-1] >= stop - first or np.any(np.diff(rows) <= 0)):
-            raise CatnetError(f"rows must be sorted, distinct view indices below {stop - first}")
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-        runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(rows, breaks) if r.size]
-        parts = [self._pread(shard, layout, "features", first + a, first + b) for a, b in runs]
-        if len(parts) == 1:
-            return parts[0]
-        return np.concatenate(parts) if parts else np.zeros((0, layout.shapes["features"][1]), np.float16)
+            return self._pread_runs(shard, layout, "features", [(first, stop)])
+        runs: list[list[int]] = []
+        for r in _check_rows(rows, stop - first):
+            if runs and runs[-1][1] == first + r:
+                runs[-1][1] += 1
+            else:
+                runs.append([first + r, first + r + 1])
+        return self._pread_runs(shard, layout, "features", runs)
 
     def num_views(self, key: int | str) -> int:
         """How many views (clip x crop feature rows) a video has, without reading its features."""
