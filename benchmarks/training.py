@@ -8,8 +8,8 @@ A store of generated features (fp16, the extraction layout: 30 views = 10 clips 
 written once with catnet's StoreWriter (or reused: `--store PATH` keeps it). Then, interleaved round by
 round, each pass over the whole store:
   read-raw     every shard file read sequentially into a buffer: the I/O floor of one pass;
-  read-store   every video's 30 views read through FeatureStore.read_features (what evaluation reads);
-  read-train   every video's random training views only (TrainConfig.train_views, what an epoch reads);
+  read-store   every video read through FeatureStore.read_features in random order (what an epoch reads:
+               all 30 views, of which training keeps TrainConfig.train_views);
   epoch        one `catnet.train.train` epoch per head in --heads and worker count in --workers, each
                in a fresh process, reporting the epoch's time and the process's peak RSS.
 With --cold (default) the page cache of the shards is dropped (posix_fadvise DONTNEED) before every
@@ -93,18 +93,14 @@ def read_raw(store: Path) -> int:
     return total
 
 
-def read_store(store: Path, views: int | None = None) -> int:
-    """Every video through FeatureStore, in the random order of an epoch; `views`: only a random subset."""
+def read_store(store: Path) -> int:
+    """Every video through FeatureStore.read_features (what training reads), in an epoch's random order."""
     from catnet.features.store import FeatureStore
 
     fs = FeatureStore(store)
-    rng = np.random.default_rng(0)
     n = 0
-    for i in rng.permutation(len(fs)).tolist():
-        rows = None
-        if views is not None:
-            rows = np.sort(rng.choice(fs.num_views(i), views, replace=False))
-        n += fs.read_features(i, rows).shape[0]
+    for i in np.random.default_rng(0).permutation(len(fs)).tolist():
+        n += fs.read_features(i).shape[0]
     return n
 
 
@@ -117,9 +113,22 @@ def parse_head(spec: str) -> tuple[str, dict]:
 
 
 EPOCH_CHILD = r"""
-import json, resource, sys, time
+import json, os, resource, sys, time
+import catnet.train
 from catnet.train import TrainConfig, train
-store, out, device, views, head, opts, batch, workers = sys.argv[1:9]
+store, out, device, views, head, opts, batch, workers, cold = sys.argv[1:10]
+if cold == "1":
+    # train() reads every feature once before the first epoch (the NaN/Inf check), which warms the
+    # page cache; drop it again when the epoch's loader is made, so the epoch itself reads cold.
+    make_loader = catnet.train._loader
+    def cold_loader(*a, **k):
+        from pathlib import Path
+        for p in (Path(store) / "shards").glob("*"):
+            fd = os.open(p, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        return make_loader(*a, **k)
+    catnet.train._loader = cold_loader
 t0 = time.perf_counter()
 res = train(TrainConfig(store=store, out=out, head=head, head_options=json.loads(opts), epochs=1,
                         batch_size=int(batch), train_views=int(views), val_split="none", device=device,
@@ -134,7 +143,7 @@ def epoch(store: Path, work: Path, args, views: int, spec: str, workers: int) ->
     name, opts = parse_head(spec)
     try:
         cmd = [sys.executable, "-c", EPOCH_CHILD, str(store), str(out), args.device, str(views), name,
-               json.dumps(opts), str(args.batch), str(workers)]
+               json.dumps(opts), str(args.batch), str(workers), "1" if args.cold else "0"]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
             raise RuntimeError(f"training failed: {res.stderr.strip()[-2000:]}")
@@ -144,8 +153,7 @@ def epoch(store: Path, work: Path, args, views: int, spec: str, workers: int) ->
 
 
 def bench_epoch_vs_read(store: Path, work: Path, args, videos: int) -> dict:
-    passes = {"read-raw": lambda: read_raw(store), "read-store": lambda: read_store(store),
-              "read-train": lambda: read_store(store, args.views)}
+    passes = {"read-raw": lambda: read_raw(store), "read-store": lambda: read_store(store)}
     for spec in args.heads:
         for w in args.workers:
             passes[f"epoch {spec} workers={w}"] = (spec, w)

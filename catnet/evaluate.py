@@ -16,7 +16,9 @@ import csv
 import io
 import json
 import math
+import queue
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from catnet import distributed as dist
 from catnet.errors import CatnetError
@@ -57,13 +59,12 @@ class ClipFeatureDataset(Dataset):
         return len(self.store)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int, int]:
-        # Only the chosen views are read, in the stored dtype (float16); collate widens the whole batch.
-        views = self.store.num_views(index)
-        keep = None
-        if self.max_views is not None and views > self.max_views:
+        # stored dtype (float16): views are dropped first, and collate widens the whole batch at once
+        feats = self.store.read_features(index)
+        if self.max_views is not None and feats.shape[0] > self.max_views:
             rng = np.random.default_rng([self.seed, self.epoch, index])
-            keep = np.sort(rng.choice(views, self.max_views, replace=False))
-        return self.store.read_features(index, keep), int(self.labels[index]), index
+            feats = feats[np.sort(rng.choice(feats.shape[0], self.max_views, replace=False))]
+        return feats, int(self.labels[index]), index
 
 
 def pad_collate(batch: list[tuple[np.ndarray, int, int]]) -> dict[str, torch.Tensor]:
@@ -158,11 +159,87 @@ def resolve_split(store: FeatureStore, split: str | None) -> tuple[str, list[int
     return split, indices
 
 
+class ReadAhead:
+    """Iterate a loader with the next `depth` batches read by a background thread.
+
+    With num_workers=0 reading and training would otherwise take turns. Reading is mostly `pread`,
+    which releases the GIL, so a thread overlaps the disk with the step at no IPC cost (a worker
+    process must pickle every batch). Batches come out in the loader's order, and the loader's
+    iterator is created here, in the caller's thread, so RNG draws happen where they always did.
+    """
+
+    _DONE = object()
+
+    def __init__(self, loader: DataLoader, depth: int = 2):
+        self.loader, self.depth = loader, depth
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        it = iter(self.loader)
+        q: queue.Queue = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def read() -> None:
+            try:
+                for batch in it:
+                    if not put(batch):
+                        return
+                put(self._DONE)
+            except BaseException as e:  # handed to the consumer, raised there
+                put(e)
+
+        thread = threading.Thread(target=read, name="catnet-readahead", daemon=True)
+        thread.start()
+        try:
+            while (item := q.get()) is not self._DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join()
+
+
+class HintedBatches(Sampler[list[int]]):
+    """`indices` in batches, in order; before handing out a batch, names the `ahead` batches after it
+    to the store (FeatureStore.will_need) so their disk reads overlap the work on this one.
+
+    The hints come from this (the main) process, and the page cache is shared, so they also feed
+    DataLoader worker processes.
+    """
+
+    def __init__(self, indices: list[int], batch_size: int, store: FeatureStore, ahead: int = 2):
+        self.indices, self.batch_size, self.store, self.ahead = list(indices), batch_size, store, ahead
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+    def __iter__(self):
+        batches = [self.indices[i: i + self.batch_size] for i in range(0, len(self.indices), self.batch_size)]
+        for n, batch in enumerate(batches):
+            # the first time: this batch and the next `ahead`; afterwards the one batch newly in reach
+            for later in batches[n + self.ahead if n else 0: n + self.ahead + 1]:
+                self.store.will_need(later)
+            yield batch
+
+
 def _loader(store, labels, indices, batch_size, num_workers, max_views=None, seed=0, epoch=0):
     ds = ClipFeatureDataset(store, labels, max_views=max_views, seed=seed)
     ds.set_epoch(epoch)
-    return DataLoader(ds, batch_size=batch_size, sampler=indices, collate_fn=pad_collate,
-                      num_workers=num_workers)
+    loader = DataLoader(ds, batch_sampler=HintedBatches(indices, batch_size, store),
+                        collate_fn=pad_collate, num_workers=num_workers)
+    return ReadAhead(loader) if num_workers == 0 else loader
 
 
 # ------------------------------------------------------------------------------------------ evaluation

@@ -10,7 +10,7 @@ import torch
 
 from catnet.cli import main as cli
 from catnet.errors import CatnetError
-from catnet.evaluate import evaluate, evaluate_splits, nonfinite_ids, pad_collate, predict_store
+from catnet.evaluate import ReadAhead, evaluate, evaluate_splits, nonfinite_ids, pad_collate, predict_store
 from catnet.features import FeatureStore
 from catnet.heads import build_head
 from catnet.metrics import (
@@ -85,6 +85,36 @@ def test_pad_collate_same_length_widens_float16():
     batch = pad_collate([(f, i, 10 + i) for i, f in enumerate(feats)])
     assert batch["x"].dtype == torch.float32 and batch["x"].shape == (4, 3, 2)
     assert batch["mask"].all() and batch["x"][:, 0, 0].tolist() == [0, 1, 2, 3]
+
+
+def test_read_ahead_keeps_order_and_raises_in_the_consumer():
+    import threading
+
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(list(range(10)), batch_size=3)
+    ra = ReadAhead(loader, depth=2)
+    assert len(ra) == 4
+    assert [b.tolist() for b in ra] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+
+    class Bad:
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            if i == 3:
+                raise CatnetError("corrupt feature shard x")
+            return i
+
+    seen = []
+    with pytest.raises(CatnetError, match="corrupt feature shard"):
+        for b in ReadAhead(DataLoader(Bad(), batch_size=1)):
+            seen.append(int(b))
+    assert seen == [0, 1, 2]
+    # leaving early (a failed step, a break) stops the reader instead of leaving it blocked
+    for _ in ReadAhead(DataLoader(list(range(1000)), batch_size=1), depth=1):
+        break
+    assert not any(t.name == "catnet-readahead" for t in threading.enumerate())
 
 
 def test_batch_nonfinite_check_names_the_videos(tmp_path):

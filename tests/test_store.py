@@ -45,24 +45,19 @@ def test_round_trip_and_access(store):
         s["nope"]
 
 
-def test_read_features_reads_only_the_asked_rows(store, tmp_path):
+def test_read_features_is_the_stored_float16(store, tmp_path):
     s, feats = store
     for key in range(len(s)):
         full = s.read_features(key)
-        assert full.dtype == np.float16 and s.num_views(key) == full.shape[0] == 6
+        assert full.dtype == np.float16 and s.num_views(key) == full.shape[0] == 6 and full.flags.writeable
         np.testing.assert_array_equal(full.astype(np.float32), s[key].features)
-        for rows in ([0, 1, 2, 3, 4, 5], [5], [0, 2, 3, 5], [1, 2], []):
-            np.testing.assert_array_equal(s.read_features(key, rows), full[rows])
-    for bad in ([2, 1], [0, 0], [6], [-1]):
-        with pytest.raises(CatnetError, match="sorted, distinct view indices"):
-            s.read_features(0, bad)
     # a video still in a writer's journal (killed extraction) reads the same way
     man = make_manifest(backbone="b", weights_id="w", num_features=8, sampling={}, spatial={}, classes=["a"])
     w = StoreWriter(tmp_path / "j", man, shard_size=100, flush_seconds=None)
     w.add("v", feats[0], np.zeros((2, 2)), num_crops=3)
     j = FeatureStore(tmp_path / "j")
     assert j.num_views("v") == 6
-    np.testing.assert_array_equal(j.read_features("v", [1, 4]), feats[0][[1, 4]].astype(np.float16))
+    np.testing.assert_array_equal(j.read_features("v"), feats[0].astype(np.float16))
 
 
 def test_truncated_shard_is_a_one_line_error(store):
@@ -70,7 +65,7 @@ def test_truncated_shard_is_a_one_line_error(store):
     shard = s.shards[0]
     data = shard.read_bytes()
     fresh, opened = FeatureStore(s.root), FeatureStore(s.root)
-    fresh.ids  # index built from the intact header
+    assert len(fresh.ids) == 5  # index built from the intact header
     for i in range(len(opened)):
         opened.read_features(i)  # shard layouts cached too
     shard.write_bytes(data[:-200])  # then the file is cut (a copy in progress, a full disk)
