@@ -46,21 +46,21 @@ from catnet.errors import CatnetError, VideoError
 from catnet.extract import VideoEntry, list_videos
 from catnet.io import atomic_write_json
 from catnet.metrics import MetricAccumulator
-from catnet.train import (
+from catnet.runs import (
     CHECKPOINTS,
     NO_VALIDATION,
     RUN_JSON,
-    _fmt,
-    _holdout,
-    _load_pt,
-    _save_pt,
-    _write_csv,
-    parse_head_opts,
+    fmt_metric,
+    holdout,
+    load_checkpoint,
     read_run_info,
     rng_state,
+    save_checkpoint,
     seed_everything,
     set_rng_state,
+    write_metrics,
 )
+from catnet.train import parse_head_opts
 from catnet.video import ClipSampling, SpatialConfig, load_clips
 
 BACKBONE_FILE = "backbone.safetensors"
@@ -216,7 +216,7 @@ def select_splits(entries: list[VideoEntry], cfg: FinetuneConfig) -> tuple[list[
     if not any(entries[i].split for i in labelled):
         if cfg.val_split == NO_VALIDATION:
             return labelled, [], NO_VALIDATION
-        held = _holdout([entries[i].id for i in labelled], np.array([entries[i].label for i in labelled]),
+        held = holdout([entries[i].id for i in labelled], np.array([entries[i].label for i in labelled]),
                         cfg.holdout_fraction)
         train = [i for i, h in zip(labelled, held, strict=True) if not h]
         val = [i for i, h in zip(labelled, held, strict=True) if h]
@@ -352,7 +352,7 @@ def _finetune(cfg: FinetuneConfig, info: dist.DistInfo) -> dict[str, Any]:
     start, best_top1, best_epoch, history = 0, -math.inf, 0, []
 
     if cfg.resume:
-        ckpt = _load_pt(last_path)
+        ckpt = load_checkpoint(last_path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -439,25 +439,25 @@ def _finetune(cfg: FinetuneConfig, info: dist.DistInfo) -> dict[str, Any]:
         if main:
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             if improved:
-                _save_pt(ckpt_dir / "best.pt", {"model": state, "epoch": epoch + 1, "metrics": row})
+                save_checkpoint(ckpt_dir / "best.pt", {"model": state, "epoch": epoch + 1, "metrics": row})
                 save_backbone(model, out / BACKBONE_FILE, cfg.backbone)
-            _save_pt(last_path, {"model": state, "optimizer": optimizer.state_dict(),
+            save_checkpoint(last_path, {"model": state, "optimizer": optimizer.state_dict(),
                                  "scheduler": scheduler.state_dict(), "rng": rngs,
                                  "data_generator": data_gen.get_state(), "epoch": epoch + 1,
                                  "best_top1": best_top1, "best_epoch": best_epoch, "history": history})
-            _write_csv(out / "metrics.csv", _uniform(history))
+            write_metrics(out / "metrics.csv", _uniform(history))
             for k, v in row.items():
                 if k != "epoch" and isinstance(v, float) and not math.isnan(v):
                     writer.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
             writer.flush()
             print(f"epoch {epoch + 1}/{cfg.epochs}  lr {lr:.2e}  train loss {row['train_loss']:.4f} "
-                  f"top-1 {_fmt(row['train_top1'])}  |  val top-1 {_fmt(row.get('val_top1'))} "
-                  f"top-5 {_fmt(row.get('val_top5'))}  |  {row['time_s']:.1f}s"
+                  f"top-1 {fmt_metric(row['train_top1'])}  |  val top-1 {fmt_metric(row.get('val_top1'))} "
+                  f"top-5 {fmt_metric(row.get('val_top5'))}  |  {row['time_s']:.1f}s"
                   f"{'  *best' if improved else ''}", file=sys.stderr)
         dist.barrier()
     if writer is not None:
         writer.close()
-        print(f"done: best val top-1 {_fmt(best_top1 if val_idx else None)} at epoch {best_epoch}; "
+        print(f"done: best val top-1 {fmt_metric(best_top1 if val_idx else None)} at epoch {best_epoch}; "
               f"extract features with --checkpoint {out / BACKBONE_FILE}", file=sys.stderr)
     return {"run_dir": str(out), "backbone_checkpoint": str(out / BACKBONE_FILE), "epochs": cfg.epochs,
             "best_epoch": best_epoch, "best_top1": best_top1 if val_idx else None,

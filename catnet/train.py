@@ -19,22 +19,16 @@ bit-identical weights and metrics (CPU, same thread count). See docs/training.md
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import hashlib
-import io
 import json
 import math
 import os
-import pickle
-import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -43,7 +37,7 @@ from torch import nn
 import catnet
 from catnet import distributed as dist
 from catnet.config import from_dict, load_yaml, to_dict
-from catnet.errors import CatnetError, unpickling_refused
+from catnet.errors import CatnetError
 from catnet.evaluate import (
     _loader,
     check_finite,
@@ -54,11 +48,21 @@ from catnet.evaluate import (
 )
 from catnet.features.store import FeatureStore
 from catnet.heads import build_head, head_from_config, load_head_preset
-from catnet.io import atomic_write, atomic_write_json, atomic_write_text
-
-RUN_JSON = "run.json"
-CHECKPOINTS = "checkpoints"
-NO_VALIDATION = "none"
+from catnet.io import atomic_write_json
+from catnet.runs import (
+    CHECKPOINTS,
+    NO_VALIDATION,
+    RUN_JSON,
+    fmt_metric,
+    holdout,
+    load_checkpoint,
+    read_run_info,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    write_metrics,
+)
 
 
 @dataclass
@@ -114,18 +118,6 @@ RESUME_MUTABLE = ("store", "out", "epochs", "num_workers", "device", "resume", "
 # ------------------------------------------------------------------------------------------ splits
 
 
-def _holdout(ids: list[str], labels: np.ndarray, fraction: float) -> list[bool]:
-    """Per class, the videos whose sha1(id) sorts first become validation: stable across runs/machines."""
-    held = [False] * len(ids)
-    for c in np.unique(labels):
-        members = sorted(np.flatnonzero(labels == c).tolist(),
-                         key=lambda i: hashlib.sha1(ids[i].encode()).hexdigest())
-        n_val = int(round(fraction * len(members))) if len(members) > 1 else 0
-        for i in members[: max(n_val, 1 if len(members) > 1 else 0)]:
-            held[i] = True
-    return held
-
-
 def split_indices(store: FeatureStore, cfg: TrainConfig) -> tuple[list[int], list[int], str]:
     """(train indices, validation indices, validation split name); refuses empty splits up front.
 
@@ -136,7 +128,7 @@ def split_indices(store: FeatureStore, cfg: TrainConfig) -> tuple[list[int], lis
     if not any(r.get("split") for r in recs):
         if cfg.val_split == NO_VALIDATION:
             return list(range(len(recs))), [], NO_VALIDATION
-        held = _holdout(store.ids, store.labels, cfg.holdout_fraction)
+        held = holdout(store.ids, store.labels, cfg.holdout_fraction)
         train = [i for i, h in enumerate(held) if not h]
         val = [i for i, h in enumerate(held) if h]
         if not train or not val:
@@ -163,63 +155,7 @@ def split_indices(store: FeatureStore, cfg: TrainConfig) -> tuple[list[int], lis
     return train, val, cfg.val_split
 
 
-# ------------------------------------------------------------------------------------------ RNG states
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG training touches, as tensors and primitives only (weights-only loadable)."""
-    _, mt, pos, has_gauss, gauss = np.random.get_state()
-    version, py_state, py_gauss = random.getstate()
-    state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(mt.astype(np.int64)),
-             "numpy_extra": [int(pos), int(has_gauss), float(gauss)],
-             "python": torch.tensor(py_state, dtype=torch.int64), "python_extra": [int(version), py_gauss]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    pos, has_gauss, gauss = state["numpy_extra"]
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, py_gauss = state["python_extra"]
-    random.setstate((version, tuple(state["python"].tolist()), py_gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 # ------------------------------------------------------------------------------------------ runs
-
-
-def _save_pt(path: Path, obj: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def _load_pt(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CatnetError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # code or foreign objects inside: never fall back to a full unpickle
-        raise unpickling_refused(path, e) from None
-    except Exception as e:  # a damaged file
-        raise CatnetError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}") from None
-
-
-def read_run_info(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / RUN_JSON
-    if not path.is_file():
-        raise CatnetError(f"{run_dir} is not a catnet run (no {RUN_JSON})")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise CatnetError(f"corrupt {path}: {e}") from None
 
 
 def load_run(run_dir: str | Path, which: str = "best") -> tuple[nn.Module, dict[str, Any]]:
@@ -228,7 +164,7 @@ def load_run(run_dir: str | Path, which: str = "best") -> tuple[nn.Module, dict[
         raise CatnetError(f"which must be 'best' or 'last', got {which!r}")
     info = read_run_info(run_dir)
     head = head_from_config(info["head"]["config"])
-    ckpt = _load_pt(Path(run_dir) / CHECKPOINTS / f"{which}.pt")
+    ckpt = load_checkpoint(Path(run_dir) / CHECKPOINTS / f"{which}.pt")
     head.load_state_dict(ckpt["model"])
     return head.eval(), info
 
@@ -272,21 +208,6 @@ def _build_head(cfg: TrainConfig, in_dim: int, num_classes: int) -> tuple[nn.Mod
     except TypeError as e:  # an option the head's config does not know
         raise CatnetError(f"bad head option: {e}") from None
 
-
-def _write_csv(path: Path, history: list[dict[str, Any]]) -> None:
-    if not history:
-        return
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(history[0]), lineterminator="\n")
-    w.writeheader()
-    w.writerows(history)
-    atomic_write_text(path, buf.getvalue())
-
-
-def _fmt(x: float | None, pct: bool = True) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return f"{100 * x:.2f}%" if pct else f"{x:.4f}"
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -343,7 +264,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     start, best_top1, best_epoch, history = 0, -1.0, 0, []
 
     if cfg.resume:
-        ckpt = _load_pt(last_path)
+        ckpt = load_checkpoint(last_path)
         head.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -431,25 +352,26 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
         if main:
             state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
             if improved:
-                _save_pt(ckpt_dir / "best.pt", {"model": state, "epoch": epoch + 1, "metrics": row})
-            _save_pt(last_path, {"model": state, "optimizer": optimizer.state_dict(),
+                save_checkpoint(ckpt_dir / "best.pt", {"model": state, "epoch": epoch + 1, "metrics": row})
+            save_checkpoint(last_path, {"model": state, "optimizer": optimizer.state_dict(),
                                  "scheduler": scheduler.state_dict(), "rng": rngs,
                                  "data_generator": data_gen.get_state(), "epoch": epoch + 1,
                                  "best_top1": best_top1, "best_epoch": best_epoch, "history": history})
-            _write_csv(out / "metrics.csv", history)
+            write_metrics(out / "metrics.csv", history)
             for k, v in row.items():
                 if k != "epoch" and isinstance(v, float) and not math.isnan(v):
                     writer.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
             writer.flush()
+            m = fmt_metric
             print(f"epoch {epoch + 1}/{cfg.epochs}  lr {lr:.2e}  train loss {row['train_loss']:.4f} "
-                  f"top-1 {_fmt(row['train_top1'])}  |  val loss {_fmt(row.get('val_loss'), False)} "
-                  f"top-1 {_fmt(row.get('val_top1'))} top-5 {_fmt(row.get('val_top5'))} "
-                  f"mean-class {_fmt(row.get('val_mean_class_acc'))}  |  {row['time_s']:.1f}s"
+                  f"top-1 {m(row['train_top1'])}  |  val loss {m(row.get('val_loss'), False)} "
+                  f"top-1 {m(row.get('val_top1'))} top-5 {m(row.get('val_top5'))} "
+                  f"mean-class {m(row.get('val_mean_class_acc'))}  |  {row['time_s']:.1f}s"
                   f"{'  *best' if improved else ''}", file=sys.stderr)
         dist.barrier()
     if writer is not None:
         writer.close()
-        print(f"done: best val top-1 {_fmt(best_top1 if val_idx else None)} at epoch {best_epoch}; "
+        print(f"done: best val top-1 {fmt_metric(best_top1 if val_idx else None)} at epoch {best_epoch}; "
               f"run saved in {out}", file=sys.stderr)
     return {"run_dir": str(out), "epochs": cfg.epochs, "best_epoch": best_epoch, "best_top1": best_top1,
             "final": history[-1] if history else None, "history": history, "world_size": info.world_size}

@@ -10,7 +10,15 @@ import torch
 
 from catnet.cli import main as cli
 from catnet.errors import CatnetError
-from catnet.evaluate import ReadAhead, evaluate, evaluate_splits, nonfinite_ids, pad_collate, predict_store
+from catnet.evaluate import (
+    HintedBatches,
+    ReadAhead,
+    evaluate,
+    evaluate_splits,
+    nonfinite_ids,
+    pad_collate,
+    predict_store,
+)
 from catnet.features import FeatureStore
 from catnet.heads import build_head
 from catnet.metrics import (
@@ -115,6 +123,24 @@ def test_read_ahead_keeps_order_and_raises_in_the_consumer():
     for _ in ReadAhead(DataLoader(list(range(1000)), batch_size=1), depth=1):
         break
     assert not any(t.name == "catnet-readahead" for t in threading.enumerate())
+
+
+def test_hinted_batches_name_each_batch_once_before_it_is_read():
+    class Store:
+        hinted: list = []
+
+        def will_need(self, idx):
+            self.hinted.append(list(idx))
+
+    store = Store()
+    sampler = HintedBatches([5, 3, 9, 1, 7, 0, 2], batch_size=2, store=store, ahead=2)
+    assert len(sampler) == 4
+    seen = []
+    for batch in sampler:
+        assert batch in store.hinted  # hinted no later than handed out
+        seen.append(batch)
+        assert len(store.hinted) == min(len(seen) + 2, 4)  # and at most `ahead` batches early
+    assert seen == store.hinted == [[5, 3], [9, 1], [7, 0], [2]]
 
 
 def test_batch_nonfinite_check_names_the_videos(tmp_path):

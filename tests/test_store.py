@@ -60,6 +60,27 @@ def test_read_features_is_the_stored_float16(store, tmp_path):
     np.testing.assert_array_equal(j.read_features("v"), feats[0].astype(np.float16))
 
 
+def test_will_need_hints_exactly_each_videos_bytes(store, tmp_path, monkeypatch):
+    import os
+
+    s, _ = store
+    hints = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, how: hints.append((os.readlink(
+        f"/proc/self/fd/{fd}"), off, n, how)), raising=False)
+    s.will_need([4, 0, 2])
+    assert [h[3] for h in hints] == [os.POSIX_FADV_WILLNEED] * 3
+    for (path, off, n, _), i in zip(hints, [4, 0, 2], strict=True):
+        with open(path, "rb") as f:
+            f.seek(off)
+            assert f.read(n) == s.read_features(i).tobytes()
+    # journal videos are in memory already: nothing to hint
+    man = make_manifest(backbone="b", weights_id="w", num_features=8, sampling={}, spatial={}, classes=["a"])
+    StoreWriter(tmp_path / "j", man, flush_seconds=None).add("v", np.ones((1, 8)), np.zeros((1, 2)))
+    hints.clear()
+    FeatureStore(tmp_path / "j").will_need([0])
+    assert hints == []
+
+
 def test_truncated_shard_is_a_one_line_error(store):
     s, _ = store
     shard = s.shards[0]

@@ -1,0 +1,112 @@
+"""A run folder's files, shared by `catnet train` and `catnet finetune-backbone`.
+
+    RUN/run.json             what was trained and how (RUN_JSON)
+    RUN/checkpoints/*.pt     weights-only-loadable checkpoints (save_checkpoint / load_checkpoint)
+    RUN/metrics.csv          one row per epoch (write_metrics)
+
+plus the RNG states a checkpoint carries for bit-exact resumes, and the deterministic per-class
+held-out split used when a dataset comes without one.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from catnet.errors import CatnetError, unpickling_refused
+from catnet.io import atomic_write, atomic_write_text
+
+RUN_JSON = "run.json"
+CHECKPOINTS = "checkpoints"
+NO_VALIDATION = "none"
+
+
+def holdout(ids: list[str], labels: np.ndarray, fraction: float) -> list[bool]:
+    """Per class, the videos whose sha1(id) sorts first become validation: stable across runs/machines."""
+    held = [False] * len(ids)
+    for c in np.unique(labels):
+        members = sorted(np.flatnonzero(labels == c).tolist(),
+                         key=lambda i: hashlib.sha1(ids[i].encode()).hexdigest())
+        n_val = int(round(fraction * len(members))) if len(members) > 1 else 0
+        for i in members[: max(n_val, 1 if len(members) > 1 else 0)]:
+            held[i] = True
+    return held
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG training touches, as tensors and primitives only (weights-only loadable)."""
+    _, mt, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(mt.astype(np.int64)),
+             "numpy_extra": [int(pos), int(has_gauss), float(gauss)],
+             "python": torch.tensor(py_state, dtype=torch.int64), "python_extra": [int(version), py_gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    pos, has_gauss, gauss = state["numpy_extra"]
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, py_gauss = state["python_extra"]
+    random.setstate((version, tuple(state["python"].tolist()), py_gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CatnetError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # code or foreign objects inside: never fall back to a full unpickle
+        raise unpickling_refused(path, e) from None
+    except Exception as e:  # a damaged file
+        raise CatnetError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}") from None
+
+
+def read_run_info(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / RUN_JSON
+    if not path.is_file():
+        raise CatnetError(f"{run_dir} is not a catnet run (no {RUN_JSON})")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise CatnetError(f"corrupt {path}: {e}") from None
+
+
+def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    if not history:
+        return
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(history[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(history)
+    atomic_write_text(path, buf.getvalue())
+
+
+def fmt_metric(x: float | None, pct: bool = True) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{100 * x:.2f}%" if pct else f"{x:.4f}"
