@@ -116,7 +116,7 @@ EPOCH_CHILD = r"""
 import json, os, resource, sys, time
 import catnet.train
 from catnet.train import TrainConfig, train
-store, out, device, views, head, opts, batch, workers, cold = sys.argv[1:10]
+store, out, device, views, head, opts, batch, workers, cold, amp = sys.argv[1:11]
 if cold == "1":
     # train() reads every feature once before the first epoch (the NaN/Inf check), which warms the
     # page cache; drop it again when the epoch's loader is made, so the epoch itself reads cold.
@@ -132,7 +132,7 @@ if cold == "1":
 t0 = time.perf_counter()
 res = train(TrainConfig(store=store, out=out, head=head, head_options=json.loads(opts), epochs=1,
                         batch_size=int(batch), train_views=int(views), val_split="none", device=device,
-                        num_workers=int(workers), progress=False))
+                        num_workers=int(workers), amp=amp or None, progress=False))
 print(json.dumps({"epoch_s": res["history"][0]["time_s"], "total_s": time.perf_counter() - t0,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
@@ -143,7 +143,7 @@ def epoch(store: Path, work: Path, args, views: int, spec: str, workers: int) ->
     name, opts = parse_head(spec)
     try:
         cmd = [sys.executable, "-c", EPOCH_CHILD, str(store), str(out), args.device, str(views), name,
-               json.dumps(opts), str(args.batch), str(workers), "1" if args.cold else "0"]
+               json.dumps(opts), str(args.batch), str(workers), "1" if args.cold else "0", args.amp or ""]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
             raise RuntimeError(f"training failed: {res.stderr.strip()[-2000:]}")
@@ -186,6 +186,7 @@ def bench_step(args, device: torch.device) -> dict:
     """One optimiser step of each head on a random batch: GFLOP/s against a same-rounds fp32 matmul."""
     import torch.nn.functional as F
 
+    from catnet.backbones.common import amp_dtype, autocast
     from catnet.heads import build_head
 
     n = 2048
@@ -201,7 +202,9 @@ def bench_step(args, device: torch.device) -> dict:
         y = torch.randint(0, KINETICS_CLASSES, (args.batch,), device=device)
 
         def step(head=head, opt=opt, x=x, y=y):
-            loss = F.cross_entropy(head(x), y)
+            with autocast(device.type, amp_dtype(args.amp)):
+                logits = head(x)
+            loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -250,6 +253,7 @@ def main() -> None:
     p.add_argument("--heads", nargs="+", default=["avgpool", "catnet"],
                    help="heads to train, NAME[:opt=value,...] (default: avgpool and the paper's CATNet)")
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--amp", default=None, help="head-training autocast: bf16 or fp16 (TrainConfig.amp)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1], help="DataLoader worker counts")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--cold", action=argparse.BooleanOptionalAction, default=True,
@@ -272,7 +276,7 @@ def main() -> None:
     results = {"benchmark": "training", "machine": machine_info(device),
                "store": {"videos": videos, "views": VIEWS, "dim": DIM, "dtype": "float16",
                          "scale_of_kinetics": videos / KINETICS_VIDEOS, "cold_cache": args.cold},
-               "train": {"heads": args.heads, "train_views": args.views, "batch": args.batch,
+               "train": {"heads": args.heads, "train_views": args.views, "batch": args.batch, "amp": args.amp,
                          "workers": args.workers}}
     try:
         if (store / "manifest.json").is_file():

@@ -36,6 +36,7 @@ from torch import nn
 
 import catnet
 from catnet import distributed as dist
+from catnet.backbones.common import amp_dtype, autocast
 from catnet.config import from_dict, load_yaml, to_dict
 from catnet.errors import CatnetError
 from catnet.evaluate import (
@@ -91,6 +92,9 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     device: str = "auto"
+    # Autocast for the head's forward: "bf16" (CPU with AVX512-BF16, or GPU) or "fp16" (GPU; loss
+    # scaling). None = fp32. Evaluation always runs in fp32.
+    amp: str | None = None
     init_from: str | None = None  # a run folder: transfer all but the classifier (paper Sec. 4.3)
     resume: bool = False
     progress: bool = True
@@ -109,6 +113,7 @@ class TrainConfig:
             raise CatnetError(f"num_workers must be >= 0, got {self.num_workers}")
         if not self.store or not self.out:
             raise CatnetError("a feature store and an --out run folder are required")
+        amp_dtype(self.amp)
 
 
 # Keys that may change when resuming: they do not affect the numbers.
@@ -260,6 +265,9 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
                                 weight_decay=cfg.weight_decay,
                                 fused=torch.device(info.device).type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    amp, device_type = amp_dtype(cfg.amp), torch.device(info.device).type
+    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
+    scaler = torch.amp.GradScaler(device_type, enabled=amp == torch.float16)
     data_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: one shared order
     start, best_top1, best_epoch, history = 0, -1.0, 0, []
 
@@ -267,6 +275,8 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
         ckpt = load_checkpoint(last_path)
         head.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
         scheduler.load_state_dict(ckpt["scheduler"])
         data_gen.set_state(ckpt["data_generator"])
         rngs = ckpt["rng"]
@@ -322,11 +332,13 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
         for step, batch in enumerate(bar):
             check_finite(batch, store, collective=info.world_size > 1)
             x, mask, y = (batch[k].to(info.device) for k in ("x", "mask", "label"))
-            logits = model(x, mask)
-            loss = F.cross_entropy(logits, y)
+            with autocast(device_type, amp):
+                logits = model(x, mask)
+            loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             # accumulated on the device: no host sync per step
             stats += torch.stack([loss.detach().double() * y.numel(), (logits.argmax(1) == y).sum().double(),
                                   stats.new_tensor(y.numel())])
@@ -353,10 +365,10 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
             state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
             if improved:
                 save_checkpoint(ckpt_dir / "best.pt", {"model": state, "epoch": epoch + 1, "metrics": row})
-            save_checkpoint(last_path, {"model": state, "optimizer": optimizer.state_dict(),
-                                 "scheduler": scheduler.state_dict(), "rng": rngs,
-                                 "data_generator": data_gen.get_state(), "epoch": epoch + 1,
-                                 "best_top1": best_top1, "best_epoch": best_epoch, "history": history})
+            save_checkpoint(last_path, {
+                "model": state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rngs, "data_generator": data_gen.get_state(),
+                "epoch": epoch + 1, "best_top1": best_top1, "best_epoch": best_epoch, "history": history})
             write_metrics(out / "metrics.csv", history)
             for k, v in row.items():
                 if k != "epoch" and isinstance(v, float) and not math.isnan(v):
@@ -413,6 +425,7 @@ _FLAGS: dict[str, tuple[str, type, str]] = {
     "--seed": ("seed", int, "seed for init, data order, view subsets and dropout"),
     "--num-workers": ("num_workers", int, "DataLoader worker processes (default 0)"),
     "--device": ("device", str, "auto, cpu or cuda"),
+    "--amp": ("amp", str, "autocast the head: bf16 (CPU with AVX512-BF16, GPU) or fp16 (GPU); default fp32"),
     "--init-from": ("init_from", str, "RUN folder: copy its head except the classifier (transfer)"),
 }
 
