@@ -149,3 +149,31 @@ def test_extract_from_annotation_file(videos, tmp_path, capsys):
     assert [store[i].label for i in store.ids] == [0, 1]
     assert store.split("train") == [0] and store.split("test") == [1]
     assert [f["id"] for f in store.failures] == ["run/gone"]
+
+
+def test_compiled_backbone_gives_the_same_features(videos, tmp_path):
+    """--compile (torch.compile with frozen weights) matches eager; the last, partial batch is padded."""
+    src, good = videos
+    assert _extract(src, tmp_path / "eager", "--workers", "0") == 1  # the bad videos fail in both
+    assert _extract(src, tmp_path / "compiled", "--workers", "0", "--compile") == 1
+    eager, compiled = FeatureStore(tmp_path / "eager"), FeatureStore(tmp_path / "compiled")
+    assert eager.ids == compiled.ids == good  # 18 views in batches of 4: the last batch holds 2
+    for vid in good:
+        a, b = eager[vid].features, compiled[vid].features
+        np.testing.assert_allclose(b, a, rtol=0, atol=2e-3 * np.abs(a).max())
+
+
+def test_compile_failure_is_one_line(videos, tmp_path, capsys, monkeypatch):
+    import catnet.backbones.common as common
+
+    def broken(model):
+        def run(x):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n  details...")
+        return run
+
+    monkeypatch.setattr(common, "compile_for_inference", broken)
+    assert _extract(videos[0], tmp_path / "s", "--workers", "0", "--compile") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("catnet extract: error: --compile failed (RuntimeError: InvalidCxxCompiler: No "
+                       "working C++ compiler found); run without it")
+    assert not any("Traceback" in line for line in err)
