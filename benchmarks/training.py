@@ -113,20 +113,19 @@ def parse_head(spec: str) -> tuple[str, dict]:
 
 
 EPOCH_CHILD = r"""
-import json, os, resource, sys, time
+import json, resource, sys, time
 import catnet.train
 from catnet.train import TrainConfig, train
-store, out, device, views, head, opts, batch, workers, cold, amp = sys.argv[1:11]
+store, out, device, views, head, opts, batch, workers, cold, amp, bench_dir = sys.argv[1:12]
 if cold == "1":
     # train() reads every feature once before the first epoch (the NaN/Inf check), which warms the
     # page cache; drop it again when the epoch's loader is made, so the epoch itself reads cold.
+    from pathlib import Path
+    sys.path.insert(0, bench_dir)
+    from training import drop_cache
     make_loader = catnet.train._loader
     def cold_loader(*a, **k):
-        from pathlib import Path
-        for p in (Path(store) / "shards").glob("*"):
-            fd = os.open(p, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
+        drop_cache(Path(store))
         return make_loader(*a, **k)
     catnet.train._loader = cold_loader
 t0 = time.perf_counter()
@@ -143,7 +142,8 @@ def epoch(store: Path, work: Path, args, views: int, spec: str, workers: int) ->
     name, opts = parse_head(spec)
     try:
         cmd = [sys.executable, "-c", EPOCH_CHILD, str(store), str(out), args.device, str(views), name,
-               json.dumps(opts), str(args.batch), str(workers), "1" if args.cold else "0", args.amp or ""]
+               json.dumps(opts), str(args.batch), str(workers), "1" if args.cold else "0", args.amp or "",
+               str(Path(__file__).resolve().parent)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
             raise RuntimeError(f"training failed: {res.stderr.strip()[-2000:]}")

@@ -53,11 +53,14 @@ from catnet.runs import (
     fmt_metric,
     holdout,
     load_checkpoint,
+    log_scalars,
+    open_writer,
     read_run_info,
     rng_state,
     save_checkpoint,
     seed_everything,
     set_rng_state,
+    wrap_ddp,
     write_metrics,
 )
 from catnet.train import parse_head_opts
@@ -375,10 +378,7 @@ def _finetune(cfg: FinetuneConfig, info: dist.DistInfo) -> dict[str, Any]:
                        "num_val": len(val_idx)},
             "finetune": _jsonable(to_dict(cfg)), "world_size": info.world_size})
 
-    net = model
-    if info.world_size > 1:
-        device_ids = [info.local_rank] if info.device.startswith("cuda") else None
-        net = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    net = wrap_ddp(model, info.device, info.local_rank, info.world_size)
     sampler = dist.TrainSampler(train_idx, data_gen, info.rank, info.world_size)
     dataset = TrainClips(entries, cfg)
     per_rank = cfg.batch_size // info.world_size
@@ -386,9 +386,7 @@ def _finetune(cfg: FinetuneConfig, info: dist.DistInfo) -> dict[str, Any]:
     device_type = torch.device(info.device).type
     writer = None
     if main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tb"), purge_step=start + 1 if start else None)
+        writer = open_writer(out, start)
         print(f"fine-tuning {cfg.backbone} on {len(train_idx)} videos ({len(classes)} classes), validating "
               f"on {len(val_idx)} ({val_name}); {info.world_size} process(es) on {info.device}",
               file=sys.stderr)
@@ -441,15 +439,12 @@ def _finetune(cfg: FinetuneConfig, info: dist.DistInfo) -> dict[str, Any]:
             if improved:
                 save_checkpoint(ckpt_dir / "best.pt", {"model": state, "epoch": epoch + 1, "metrics": row})
                 save_backbone(model, out / BACKBONE_FILE, cfg.backbone)
-            save_checkpoint(last_path, {"model": state, "optimizer": optimizer.state_dict(),
-                                 "scheduler": scheduler.state_dict(), "rng": rngs,
-                                 "data_generator": data_gen.get_state(), "epoch": epoch + 1,
-                                 "best_top1": best_top1, "best_epoch": best_epoch, "history": history})
+            save_checkpoint(last_path, {
+                "model": state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rngs, "data_generator": data_gen.get_state(), "epoch": epoch + 1,
+                "best_top1": best_top1, "best_epoch": best_epoch, "history": history})
             write_metrics(out / "metrics.csv", _uniform(history))
-            for k, v in row.items():
-                if k != "epoch" and isinstance(v, float) and not math.isnan(v):
-                    writer.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
-            writer.flush()
+            log_scalars(writer, row, epoch + 1)
             print(f"epoch {epoch + 1}/{cfg.epochs}  lr {lr:.2e}  train loss {row['train_loss']:.4f} "
                   f"top-1 {fmt_metric(row['train_top1'])}  |  val top-1 {fmt_metric(row.get('val_top1'))} "
                   f"top-5 {fmt_metric(row.get('val_top5'))}  |  {row['time_s']:.1f}s"

@@ -110,3 +110,26 @@ def fmt_metric(x: float | None, pct: bool = True) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     return f"{100 * x:.2f}%" if pct else f"{x:.4f}"
+
+
+def wrap_ddp(model: torch.nn.Module, device: str, local_rank: int, world_size: int) -> torch.nn.Module:
+    """`model` in DistributedDataParallel under torchrun, else itself."""
+    if world_size == 1:
+        return model
+    device_ids = [local_rank] if device.startswith("cuda") else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def open_writer(out: Path, start: int):
+    """The run's TensorBoard writer; a resumed run drops events logged after its checkpoint."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(out / "tb"), purge_step=start + 1 if start else None)
+
+
+def log_scalars(writer, row: dict[str, Any], epoch: int) -> None:
+    """One epoch's float metrics to TensorBoard, `train_loss` as `train/loss`; NaNs skipped."""
+    for k, v in row.items():
+        if k != "epoch" and isinstance(v, float) and not math.isnan(v):
+            writer.add_scalar(k.replace("_", "/", 1), v, epoch)
+    writer.flush()

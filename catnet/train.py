@@ -57,11 +57,14 @@ from catnet.runs import (
     fmt_metric,
     holdout,
     load_checkpoint,
+    log_scalars,
+    open_writer,
     read_run_info,
     rng_state,
     save_checkpoint,
     seed_everything,
     set_rng_state,
+    wrap_ddp,
     write_metrics,
 )
 
@@ -302,17 +305,12 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
                     "train": to_dict(cfg), "init_from": init_from, "world_size": info.world_size}
         atomic_write_json(out / RUN_JSON, run_info)
 
-    model = head
-    if info.world_size > 1:
-        device_ids = [info.local_rank] if info.device.startswith("cuda") else None
-        model = nn.parallel.DistributedDataParallel(head, device_ids=device_ids)
+    model = wrap_ddp(head, info.device, info.local_rank, info.world_size)
     sampler = dist.TrainSampler(train_idx, data_gen, info.rank, info.world_size)
     per_rank = cfg.batch_size // info.world_size
     writer = None
     if main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tb"), purge_step=start + 1 if start else None)
+        writer = open_writer(out, start)
         print(f"training {head.config.name} on {len(train_idx)} videos ({len(classes)} classes, {in_dim}-d), "
               f"validating on {len(val_idx)} ({val_name}); {info.world_size} process(es) on {info.device}",
               file=sys.stderr)
@@ -370,10 +368,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
                 "scaler": scaler.state_dict(), "rng": rngs, "data_generator": data_gen.get_state(),
                 "epoch": epoch + 1, "best_top1": best_top1, "best_epoch": best_epoch, "history": history})
             write_metrics(out / "metrics.csv", history)
-            for k, v in row.items():
-                if k != "epoch" and isinstance(v, float) and not math.isnan(v):
-                    writer.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
-            writer.flush()
+            log_scalars(writer, row, epoch + 1)
             m = fmt_metric
             print(f"epoch {epoch + 1}/{cfg.epochs}  lr {lr:.2e}  train loss {row['train_loss']:.4f} "
                   f"top-1 {m(row['train_top1'])}  |  val loss {m(row.get('val_loss'), False)} "

@@ -72,7 +72,7 @@ def encode(path: Path, frames: np.ndarray, fps: float = 25.0, codec: str = "libx
     return path
 
 
-def _audio_only(path: Path) -> Path:
+def audio_only(path: Path) -> Path:
     with av.open(str(path), "w") as c:
         s = c.add_stream("aac", rate=8000)
         frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
@@ -142,7 +142,7 @@ def make_corpus(root: str | os.PathLike, good: int = 2) -> list[Case]:
     (root / "_fast.mp4").unlink()
 
     encode(add("one_frame.mp4", "1-frame video", "ok"), moving_square(1))
-    _audio_only(add("audio_only.mp4", "audio-only mp4 (AAC)", "skip", "no video stream"))
+    audio_only(add("audio_only.mp4", "audio-only mp4 (AAC)", "skip", "no video stream"))
     # huge frames, but flat ones: cheap to encode, and 2 frames keep the decode bounded
     big = np.full((2, 2160, 3840, 3), 90, np.uint8)
     encode(add("huge_4k.mp4", "3840x2160 (4K UHD) frames", "ok"), big)

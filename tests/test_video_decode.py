@@ -10,6 +10,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from reliability_corpus import audio_only
 
 import catnet.video.decode as decode
 from catnet.errors import CatnetError, VideoError
@@ -155,23 +156,13 @@ def test_one_frame_video_loads_as_repeated_frame(tmp_path):
     assert torch.equal(clips.views[0, :, 0], clips.views[1, :, 2])
 
 
-def _audio_only(path):
-    with av.open(str(path), "w") as c:
-        stream = c.add_stream("aac", rate=8000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        frame.sample_rate = 8000
-        for packet in [*stream.encode(frame), *stream.encode()]:
-            c.mux(packet)
-    return path
-
-
 def test_broken_inputs_raise_video_error(tmp_path, make_video):
     good = make_video("good.mp4", frames=10)
     cases = {
         "empty": (tmp_path / "empty.mp4", "0 bytes"),
         "text": (tmp_path / "notes.mp4", "cannot open"),
         "truncated": (tmp_path / "truncated.mp4", "cannot open"),
-        "audio": (_audio_only(tmp_path / "audio.m4a"), "no video stream"),
+        "audio": (audio_only(tmp_path / "audio.m4a"), "no video stream"),
         "directory": (tmp_path / "folder.mp4", "directory"),
         "missing": (tmp_path / "nothere.mp4", "no such file"),
     }

@@ -197,6 +197,10 @@ class _ShardLayout:
         row_bytes = {k: dtypes[k].itemsize * int(np.prod(shapes[k][1:], dtype=np.int64)) for k in shapes}
         return cls(starts, shapes, dtypes, row_bytes)
 
+    def video_rows(self, row: int) -> tuple[int, int]:
+        """The feature rows [start, stop) of the shard's video number `row`."""
+        return int(self.rows[row]), int(self.rows[row + 1])
+
 
 class FeatureStore:
     """Read a feature store: `store[id_or_index] -> VideoFeatures`, `len`, iteration, splits.
@@ -356,7 +360,7 @@ class FeatureStore:
         if not shard:
             return self._journaled[rec["id"]][0]
         layout = self._layout(shard)
-        return self._pread(shard, layout, "features", int(layout.rows[row]), int(layout.rows[row + 1]))
+        return self._pread(shard, layout, "features", *layout.video_rows(row))
 
     def will_need(self, indices: Sequence[int]) -> None:
         """Ask the kernel to start reading these videos' features now (posix_fadvise WILLNEED).
@@ -371,7 +375,7 @@ class FeatureStore:
             shard, row, _ = index[i]
             if shard:
                 layout = self._layout(shard)
-                a, b = int(layout.rows[row]), int(layout.rows[row + 1])
+                a, b = layout.video_rows(row)
                 size = layout.row_bytes["features"]
                 os.posix_fadvise(self._fd(shard), layout.starts["features"] + a * size, (b - a) * size,
                                  os.POSIX_FADV_WILLNEED)
@@ -381,8 +385,8 @@ class FeatureStore:
         shard, row, rec = self._build_index()[self._position(key)]
         if not shard:
             return int(self._journaled[rec["id"]][0].shape[0])
-        rows = self._layout(shard).rows
-        return int(rows[row + 1] - rows[row])
+        a, b = self._layout(shard).video_rows(row)
+        return b - a
 
     def _position(self, key: int | str) -> int:
         if isinstance(key, str):
@@ -393,13 +397,12 @@ class FeatureStore:
         return key
 
     def __getitem__(self, key: int | str) -> VideoFeatures:
-        index = self._build_index()
-        shard, row, rec = index[self._position(key)]
+        shard, row, rec = self._build_index()[self._position(key)]
+        feats = self.read_features(key)
         if not shard:
-            feats, times = self._journaled[rec["id"]]
+            times = self._journaled[rec["id"]][1]
         else:
             layout = self._layout(shard)
-            feats = self._pread(shard, layout, "features", int(layout.rows[row]), int(layout.rows[row + 1]))
             times = self._pread(shard, layout, "times", int(layout.clip_rows[row]),
                                 int(layout.clip_rows[row + 1]))
         return VideoFeatures(id=rec["id"], path=rec.get("path", ""), label=int(rec["label"]),
