@@ -106,7 +106,7 @@ def pick_device(name: str) -> torch.device:
 
 def save_results(name: str, payload: dict[str, Any], out: Path | None = None) -> Path:
     """Write results JSON (atomically, so an interrupted run never leaves half a file)."""
-    from catnet.io import atomic_write_json
+    from catnet.utils.io import atomic_write_json
 
     path = out or RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
     python benchmarks/extraction.py                  # small CPU-sized setting (see --help)
     python benchmarks/extraction.py --device cuda --crop 224 --short-side 256 --clips 10 --crops 3
 
-Pipeline: `catnet.extract.extract` end to end (list videos, decode + sample + crop in DataLoader workers,
+Pipeline: `catnet.features.extract.extract` end to end (list videos, decode + sample + crop in DataLoader workers,
 backbone, fp16 shards written atomically) on generated videos. Backbone-only: the same model on the same
 views, already decoded and in memory, in the same batch size. Both count views (clip x crop forwards)
 per second; their ratio says how much of the decoding the pipeline hides behind compute (goal >= 0.9).
@@ -55,7 +55,7 @@ def make_videos(root: Path, n: int, frames: int, height: int, width: int, seed: 
 
 
 def pipeline_fn(src: Path, work: Path, cfg):
-    from catnet.extract import extract
+    from catnet.features.extract import extract
 
     def fn():
         out = work / f"store-{time.monotonic_ns()}"
@@ -90,7 +90,7 @@ def backbone_fn(views: torch.Tensor, cfg, device: torch.device):
 
 
 def bench_pipeline(args, device: torch.device, src: Path, work: Path) -> dict:
-    from catnet.extract import ExtractConfig, extract, list_videos
+    from catnet.features.extract import ExtractConfig, extract, list_videos
     from catnet.video import ClipSampling, SpatialConfig, load_clips
 
     base = dict(backbone=args.backbone, pretrained=False, num_clips=args.clips, clip_len=args.frames,

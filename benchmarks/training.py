@@ -10,7 +10,7 @@ round, each pass over the whole store:
   read-raw     every shard file read sequentially into a buffer: the I/O floor of one pass;
   read-store   every video read through FeatureStore.read_features in random order (what an epoch reads:
                all 30 views, of which training keeps TrainConfig.train_views);
-  epoch        one `catnet.train.train` epoch per head in --heads and worker count in --workers, each
+  epoch        one `catnet.engine.train.train` epoch per head in --heads and worker count in --workers, each
                in a fresh process, reporting the epoch's time and the process's peak RSS.
 With --cold (default) the page cache of the shards is dropped (posix_fadvise DONTNEED) before every
 pass, so the figures include disk reads. Then:
@@ -106,7 +106,7 @@ def read_store(store: Path) -> int:
 
 def parse_head(spec: str) -> tuple[str, dict]:
     """'catnet:num_heads=8,aggregation=sum' -> ('catnet', {'num_heads': 8, 'aggregation': 'sum'})."""
-    from catnet.train import parse_head_opts
+    from catnet.engine.train import parse_head_opts
 
     name, _, opts = spec.partition(":")
     return name, parse_head_opts([o for o in opts.split(",") if o])
@@ -114,8 +114,8 @@ def parse_head(spec: str) -> tuple[str, dict]:
 
 EPOCH_CHILD = r"""
 import json, resource, sys, time
-import catnet.train
-from catnet.train import TrainConfig, train
+import catnet.engine.train
+from catnet.engine.train import TrainConfig, train
 store, out, device, views, head, opts, batch, workers, cold, amp, bench_dir = sys.argv[1:12]
 if cold == "1":
     # train() reads every feature once before the first epoch (the NaN/Inf check), which warms the
@@ -123,11 +123,11 @@ if cold == "1":
     from pathlib import Path
     sys.path.insert(0, bench_dir)
     from training import drop_cache
-    make_loader = catnet.train._loader
+    make_loader = catnet.engine.train._loader
     def cold_loader(*a, **k):
         drop_cache(Path(store))
         return make_loader(*a, **k)
-    catnet.train._loader = cold_loader
+    catnet.engine.train._loader = cold_loader
 t0 = time.perf_counter()
 res = train(TrainConfig(store=store, out=out, head=head, head_options=json.loads(opts), epochs=1,
                         batch_size=int(batch), train_views=int(views), val_split="none", device=device,

@@ -34,7 +34,7 @@ def pretrained_i3d() -> Path:
     Missing weights skip the test on a developer machine that never ran `make setup`, but fail it in CI,
     where `make test` has just fetched them.
     """
-    from catnet.weights import converted_weights_path
+    from catnet.backbones.i3d_inception_weights import converted_weights_path
 
     path = converted_weights_path()
     if not path.is_file():

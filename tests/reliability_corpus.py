@@ -219,13 +219,13 @@ log, pace = open(sys.argv[1], "a"), float(sys.argv[2])
 def note(what):
     log.write(what + "\\n"); log.flush(); os.fsync(log.fileno())
     time.sleep(pace)  # stretches each unit so a kill lands inside it on a fast machine too
-import catnet.extract as extract
+import catnet.features.extract as extract
 getitem = extract._ClipDataset.__getitem__
 def logged_getitem(self, i):
     note(f"video {self.entries[i].id}")
     return getitem(self, i)
 extract._ClipDataset.__getitem__ = logged_getitem
-import catnet.distributed as dist
+import catnet.utils.distributed as dist
 order = dist.TrainSampler.epoch_order
 def logged_order(self):
     note("epoch")

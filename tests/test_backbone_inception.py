@@ -18,7 +18,7 @@ from catnet.backbones.i3d_inception import (
     same_padding,
 )
 from catnet.errors import CatnetError
-from catnet.paths import read_labels
+from catnet.utils.paths import read_labels
 from catnet.video.clips import load_clips
 from catnet.video.sampling import ClipSampling
 from catnet.video.transforms import SpatialConfig
@@ -182,7 +182,7 @@ def test_onnx_export_matches_eager(tmp_path):
     """The dynamic SAME padding (-inf for pools) and the pooling window export as ONNX, dynamic batch."""
     import onnxruntime as ort
 
-    from catnet.export import export_backbone
+    from catnet.inference.export import export_backbone
 
     torch.manual_seed(3)
     model = build_i3d_inception(num_classes=0)

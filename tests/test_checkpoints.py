@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from catnet.backbones import build_backbone
-from catnet.backbones.checkpoints import convert_checkpoint, detect_format, import_weights, save_weights
+from catnet.backbones.i3d_resnet_formats import convert_checkpoint, detect_format, import_weights, save_weights
 from catnet.backbones.common import load_checkpoint_file, read_safetensors_metadata
 from catnet.errors import CatnetError
 

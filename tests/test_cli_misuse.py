@@ -17,7 +17,7 @@ import pytest
 from test_train import cfg, make_store
 
 from catnet.cli import VERBS, main
-from catnet.train import train
+from catnet.engine.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 NOPE = "/nonexistent/catnet-misuse"

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from catnet.distributed import ShardSampler, TrainSampler
-from catnet.evaluate import evaluate
+from catnet.utils.distributed import ShardSampler, TrainSampler
+from catnet.engine.evaluate import evaluate
 from catnet.features import FeatureStore
-from catnet.train import load_run
+from catnet.engine.train import load_run
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from catnet.cli import main
-from catnet.demo import DemoConfig
+from catnet.experiments.demo import DemoConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_bad_demo_config_is_one_line_error(tmp_path, capsys):
 
 
 def test_standardised_store_uses_train_statistics_only(tmp_path):
-    from catnet.demo import standardise_store
+    from catnet.experiments.demo import standardise_store
     from catnet.features.store import FeatureStore
 
     rng = np.random.default_rng(0)
@@ -84,7 +84,7 @@ def test_standardised_store_uses_train_statistics_only(tmp_path):
 
 
 def test_learning_rate_per_head_family():
-    from catnet.demo import head_lr
+    from catnet.experiments.demo import head_lr
 
     cfg = DemoConfig(lr=0.03, lr_normalised=1.0)
     assert head_lr(cfg, "avgpool", {}) == 0.03

@@ -10,7 +10,7 @@ import torch
 
 from catnet.cli import main as cli
 from catnet.errors import CatnetError
-from catnet.evaluate import (
+from catnet.engine.evaluate import (
     HintedBatches,
     ReadAhead,
     evaluate,
@@ -21,14 +21,14 @@ from catnet.evaluate import (
 )
 from catnet.features import FeatureStore
 from catnet.heads import build_head
-from catnet.metrics import (
+from catnet.engine.metrics import (
     MetricAccumulator,
     confusion_matrix,
     mean_class_accuracy,
     per_class_accuracy,
     topk_correct,
 )
-from catnet.train import TrainConfig, load_run, train
+from catnet.engine.train import TrainConfig, load_run, train
 
 
 def make_store(path, n_train=12, n_test=7, d=8, classes=("a", "b", "c"), seed=0, order=None):

@@ -13,7 +13,7 @@ from test_predict import shared_tiny_run
 
 from catnet.cli import main
 from catnet.errors import CatnetError
-from catnet.export import export_head
+from catnet.inference.export import export_head
 from catnet.heads import build_head
 
 D, C = 16, 5
@@ -75,7 +75,7 @@ def test_unknown_format_is_a_clear_error(tmp_path):
 
 def test_cli_exports_a_runs_head_equal_to_eager_on_its_store(tiny_run, tmp_path, capsys):
     from catnet.features import FeatureStore
-    from catnet.train import load_run
+    from catnet.engine.train import load_run
 
     out = tmp_path / "head.onnx"
     assert main(["export", str(tiny_run), "--format", "onnx", "--out", str(out)]) == 0
@@ -94,7 +94,7 @@ def test_cli_exports_a_runs_head_equal_to_eager_on_its_store(tiny_run, tmp_path,
 
 def test_cli_exports_the_runs_backbone_a_tiny_random_i3d_r50(tiny_run, tmp_path):
     """--part backbone rebuilds the run's i3d_r50 (random, 4 frames x 32 px) and exports it, dynamic B."""
-    from catnet.predict import Predictor
+    from catnet.inference.predict import Predictor
 
     out = tmp_path / "backbone.onnx"
     assert main(["export", str(tiny_run), "--part", "backbone", "--format", "onnx", "--out", str(out)]) == 0

@@ -10,7 +10,7 @@ import torch
 
 from catnet.cli import main
 from catnet.errors import CatnetError
-from catnet.extract import list_videos
+from catnet.features.extract import list_videos
 from catnet.features import FeatureStore
 
 # tiny but complete: 2 clips x 4 frames, 3 crops of 32 px -> 6 views per video

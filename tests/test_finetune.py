@@ -12,7 +12,7 @@ from torch import nn
 from catnet.backbones import build_backbone
 from catnet.cli import main as cli
 from catnet.errors import CatnetError
-from catnet.finetune import FinetuneConfig, build_model, finetune, video_probabilities
+from catnet.engine.finetune import FinetuneConfig, build_model, finetune, video_probabilities
 
 # One bottleneck per stage keeps the i3d_r50 graph (and its checkpoint format) at a fifth of the cost.
 SHALLOW = {"layers": [1, 1, 1, 1], "temporal_kernels": [[3], [3], [3], [1]]}
@@ -64,7 +64,7 @@ def test_cli_run_saves_a_checkpoint_that_extract_accepts(videos, tmp_path, capsy
         assert torch.equal(v, best["model"][k]), k
     assert model.forward_features(torch.rand(1, 3, 4, 32, 32)).shape == (1, 2048)
 
-    from catnet.extract import ExtractConfig, extract
+    from catnet.features.extract import ExtractConfig, extract
     from catnet.features.store import FeatureStore
 
     cfg = ExtractConfig(backbone="i3d_r50", checkpoint=str(out / "backbone.safetensors"), num_clips=2,
@@ -116,7 +116,7 @@ def test_inflate_from_a_2d_resnet(videos, tmp_path):
     assert torch.allclose(w.sum(2), state2d["conv1.weight"], atol=1e-5)
     assert torch.allclose(w[:, :, 0], w[:, :, 4])
 
-    from catnet.backbones.checkpoints import save_weights
+    from catnet.backbones.i3d_resnet_formats import save_weights
 
     save_weights(ref, tmp_path / "catnet3d.safetensors")  # 3-D weights are not an ImageNet inflation source
     with pytest.raises(CatnetError, match="not a 2-D ResNet-50"):

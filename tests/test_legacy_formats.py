@@ -60,7 +60,7 @@ def test_legacy_run_resumes(legacy):
 
 def test_legacy_finetune_run_json_is_understood(legacy, tmp_path):
     from catnet.config import from_dict
-    from catnet.finetune import FinetuneConfig
+    from catnet.engine.finetune import FinetuneConfig
 
     info = json.loads((legacy / "finetune_run.json").read_text())
     old = info["finetune"]

@@ -16,7 +16,7 @@ from torch import nn
 
 from catnet.cli import main
 from catnet.errors import CatnetError
-from catnet.predict import SPARK, Predictor, clip_attention, sparkline
+from catnet.inference.predict import SPARK, Predictor, clip_attention, sparkline
 
 # extract settings of the tiny run: random i3d_r50, 3 clips x 4 frames, 3 crops of 32 px -> 9 views
 TINY_EXTRACT = ["--backbone", "i3d_r50", "--no-pretrained", "--clips", "3", "--frames", "4", "--stride", "2",

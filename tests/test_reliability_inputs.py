@@ -18,10 +18,10 @@ from test_train import cfg, make_store
 
 from catnet.cli import main
 from catnet.errors import CatnetError
-from catnet.evaluate import evaluate
+from catnet.engine.evaluate import evaluate
 from catnet.features import FeatureStore
 from catnet.features.store import read_shard_videos
-from catnet.train import load_run, train
+from catnet.engine.train import load_run, train
 from catnet.video import ClipSampling, SpatialConfig, clip_times, sample_clips, train_view
 from catnet.video import transforms as T
 
@@ -79,7 +79,7 @@ def test_extraction_records_nonfinite_features_as_a_failed_video(tmp_path, monke
     from reliability_corpus import moving_square
 
     import catnet.backbones
-    from catnet.extract import ExtractConfig, extract
+    from catnet.features.extract import ExtractConfig, extract
     from catnet.video.encode import write_video
 
     build = catnet.backbones.build_backbone
@@ -222,7 +222,7 @@ def test_train_views_any_frame_size(h, w, t, crop, extra, seed):
 def test_weights_fetch_never_ignores_an_explicit_source(tmp_path, monkeypatch, capfd):
     import pickle
 
-    from catnet import weights
+    from catnet.backbones import i3d_inception_weights as weights
 
     monkeypatch.setenv("CATNET_HOME", str(tmp_path / "home"))
     out = weights.converted_weights_path()
@@ -252,7 +252,7 @@ def test_weights_fetch_never_ignores_an_explicit_source(tmp_path, monkeypatch, c
 def test_predict_reports_any_per_video_exception_and_goes_on(make_video, monkeypatch, capsys):
     from test_predict import shared_tiny_run
 
-    from catnet.predict import Predictor
+    from catnet.inference.predict import Predictor
 
     videos = [make_video(f"v{i}.mp4", frames=12, height=32, width=40, seed=i) for i in range(3)]
     real = Predictor.__call__

@@ -13,7 +13,7 @@ from test_predict import shared_tiny_run
 
 from catnet.cli import main
 from catnet.errors import CatnetError
-from catnet.extract import ExtractConfig, extract
+from catnet.features.extract import ExtractConfig, extract
 from catnet.features import FeatureStore
 from catnet.video import ClipSampling, SpatialConfig, load_clips
 

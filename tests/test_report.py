@@ -11,7 +11,7 @@ import pytest
 from catnet.cli import main
 from catnet.data.synth import SynthConfig, generate, load_segments
 from catnet.features.store import FeatureStore, StoreWriter, make_manifest
-from catnet.report import Analysis, attention_on_action, clip_weights
+from catnet.experiments.report import Analysis, attention_on_action, clip_weights
 
 TINY = SynthConfig(num_classes=3, videos_per_class=4, height=48, width=48, min_frames=16, max_frames=24)
 K, D = 4, 8
@@ -39,7 +39,7 @@ def _fabricate_store(root: Path, out: Path) -> FeatureStore:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from catnet.train import TrainConfig, train
+    from catnet.engine.train import TrainConfig, train
 
     tmp = tmp_path_factory.mktemp("report")
     root = tmp / "synth"

@@ -76,7 +76,7 @@ def test_reproduce_hmdb51_and_kinetics(tmp_path, capsys):
         for k in (1, 2, 3):
             (hmdb / "splits" / f"{c}_test_split{k}.txt").write_text(
                 "".join(f"{c}_{n} {f}\n" for n, f in flags.items()))
-    # with the fine-tuning stage (catnet.finetune): features come from the fine-tuned backbone
+    # with the fine-tuning stage (catnet.engine.finetune): features come from the fine-tuned backbone
     assert main(["reproduce", "hmdb51", "--root", str(hmdb), "--out", str(tmp_path / "h"), "--splits", "2",
                  *TINY[1:]]) == 0
     res = json.loads((tmp_path / "h" / "results.json").read_text())

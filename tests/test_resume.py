@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from catnet.features import FeatureStore
-from catnet.train import TrainConfig, train
+from catnet.engine.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 5  # 20 train videos / batch 4
@@ -26,7 +26,7 @@ KILLER = textwrap.dedent("""
     import json, os, signal, sys
     import torch
     torch.set_num_threads(int(sys.argv[2]))
-    from catnet.train import TrainConfig, train
+    from catnet.engine.train import TrainConfig, train
     kill_at, calls = int(sys.argv[3]), [0]
     step = torch.optim.SGD.step
     def killing_step(self, *a, **k):

@@ -97,8 +97,8 @@ def test_window_features_raw_and_stats():
 
 
 def test_tiny_training_run_on_ts_files(tmp_path):
-    from catnet.evaluate import evaluate
-    from catnet.train import TrainConfig, load_run, train
+    from catnet.engine.evaluate import evaluate
+    from catnet.engine.train import TrainConfig, load_run, train
 
     _write_toy(tmp_path / "Toy_TRAIN.ts", seed=0)
     _write_toy(tmp_path / "Toy_TEST.ts", n_per_class=5, seed=1)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_predict import MeanColour, shared_tiny_run, write_tiny_video
 
-from catnet.serve import App, find_samples, make_server, png_data_url
+from catnet.inference.serve import App, find_samples, make_server, png_data_url
 
 LABELS = [f"action {i}" for i in range(6)]
 MAX_BYTES = 200_000
@@ -24,7 +24,7 @@ MAX_BYTES = 200_000
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from catnet.heads import build_head
-    from catnet.predict import Predictor
+    from catnet.inference.predict import Predictor
     from catnet.video import ClipSampling, SpatialConfig
 
     home = tmp_path_factory.mktemp("home")
@@ -151,7 +151,7 @@ def test_unknown_sample_is_404(server):
 def _args(*argv):
     import argparse
 
-    from catnet.serve import add_arguments
+    from catnet.inference.serve import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -159,7 +159,7 @@ def _args(*argv):
 
 
 def test_cli_settings_are_cheap_by_default(tmp_path, monkeypatch):
-    from catnet.serve import build_app
+    from catnet.inference.serve import build_app
 
     monkeypatch.setenv("CATNET_HOME", str(tmp_path))
     (tmp_path / "more").mkdir()
@@ -176,7 +176,7 @@ def test_cli_settings_are_cheap_by_default(tmp_path, monkeypatch):
                                         (["--samples", "/no/such/dir"], "--samples")])
 def test_cli_bad_settings_are_clear_errors(tmp_path, monkeypatch, argv, match):
     from catnet.errors import CatnetError
-    from catnet.serve import build_app
+    from catnet.inference.serve import build_app
 
     monkeypatch.setenv("CATNET_HOME", str(tmp_path))
     with pytest.raises(CatnetError, match=match):

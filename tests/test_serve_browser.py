@@ -30,8 +30,8 @@ CLIPS = 5  # serve's cheap setting overrides the run's 3 clips
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory):
     """A server on a random port with a tiny trained run (random i3d_r50 features, 1 epoch)."""
-    from catnet.predict import Predictor
-    from catnet.serve import App, find_samples, make_server
+    from catnet.inference.predict import Predictor
+    from catnet.inference.serve import App, find_samples, make_server
 
     root = tmp_path_factory.mktemp("browser")
     with pytest.MonkeyPatch.context() as mp:

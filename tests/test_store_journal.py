@@ -142,7 +142,7 @@ TINY = ["--backbone", "i3d_inception", "--no-pretrained", "--clips", "2", "--fra
 # dawdles a little so the kill lands inside that video even on a loaded machine.
 CHILD = """
 import os, sys, time
-import catnet.extract as extract
+import catnet.features.extract as extract
 log = open(sys.argv[1], "a")
 getitem = extract._ClipDataset.__getitem__
 def logged(self, i):

@@ -13,9 +13,9 @@ import torch
 
 from catnet.cli import main as cli
 from catnet.errors import CatnetError
-from catnet.evaluate import evaluate
+from catnet.engine.evaluate import evaluate
 from catnet.features import FeatureStore
-from catnet.train import TrainConfig, load_run, split_indices, train, transfer_head
+from catnet.engine.train import TrainConfig, load_run, split_indices, train, transfer_head
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 from test_train import cfg, make_store
 
-from catnet import weights
+from catnet.backbones import i3d_inception_weights as weights
 from catnet.cli import main
 from catnet.errors import CatnetError
-from catnet.train import train
+from catnet.engine.train import train
 
 MARK = "catnet-pwned"  # what the payloads try to create in the working directory
 

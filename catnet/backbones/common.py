@@ -154,7 +154,7 @@ def save_safetensors(state: Mapping[str, torch.Tensor], path: str | Path,
     """Atomically write tensors (+ JSON-encoded metadata values) as safetensors."""
     from safetensors.torch import save_file
 
-    from catnet.io import atomic_write
+    from catnet.utils.io import atomic_write
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from catnet.backbones.checkpoints import unwrap_state_dict
+from catnet.backbones.i3d_resnet_formats import unwrap_state_dict
 from catnet.backbones.common import (
     check_state_fits,
     load_checkpoint_file,
@@ -34,7 +34,7 @@ from catnet.backbones.common import (
     weights_id,
 )
 from catnet.errors import CatnetError
-from catnet.paths import read_labels
+from catnet.utils.paths import read_labels
 
 NUM_FEATURES = 1024
 KINETICS_CLASSES = 400
@@ -260,7 +260,7 @@ def build_i3d_inception(pretrained: bool = False, checkpoint: str | Path | None 
 
     state, source = None, None
     if pretrained:
-        from catnet.weights import converted_weights_path
+        from catnet.backbones.i3d_inception_weights import converted_weights_path
 
         source = converted_weights_path()
         if not source.is_file():

@@ -39,7 +39,7 @@ from catnet.backbones.common import (
 )
 from catnet.config import from_dict
 from catnet.errors import CatnetError
-from catnet.paths import catnet_home
+from catnet.utils.paths import catnet_home
 
 # 1 = the block's first conv is 3x1x1 ("inflated"), 0 = 1x1x1; stages res2..res5.
 I3D_INFLATE = ((1, 1, 1), (1, 0, 1, 0), (1, 0, 1, 0, 1, 0), (0, 1, 0))
@@ -234,7 +234,7 @@ def i3d_r50(pretrained: bool = False, checkpoint: str | Path | None = None, **op
     options: I3DResNetConfig fields, plus `variant` ("pytorchvideo" | "slowfast" | "mmaction2": sets the
       conv1/pool1 temporal strides), `labels` (class names), `seed` (reproducible random init).
     """
-    from catnet.backbones.checkpoints import load_i3d_r50_weights
+    from catnet.backbones.i3d_resnet_formats import load_i3d_r50_weights
 
     if pretrained and checkpoint is not None:
         raise CatnetError("i3d_r50: give either pretrained=True or a checkpoint, not both")

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from catnet.errors import CatnetError
-from catnet.io import atomic_write_json, atomic_write_text
+from catnet.utils.io import atomic_write_json, atomic_write_text
 
 # An offset function maps the action phase u in [0, 1] (array) and per-video motion parameters to the
 # (len(u), 2) displacement of actors A and B (in frame units) and A's size multiplier. Offsets are 0 at

@@ -36,7 +36,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from catnet.errors import CatnetError
-from catnet.io import _fsync_dir, atomic_write, atomic_write_json
+from catnet.utils.io import _fsync_dir, atomic_write, atomic_write_json
 
 FORMAT = "catnet-feature-store"
 FORMAT_VERSION = 1

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from catnet.errors import CatnetError, unpickling_refused
-from catnet.io import atomic_write, atomic_write_text
+from catnet.utils.io import atomic_write, atomic_write_text
 
 RUN_JSON = "run.json"
 CHECKPOINTS = "checkpoints"

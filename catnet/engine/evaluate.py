@@ -6,7 +6,7 @@
 Each evaluation is saved in RUN/eval/<store-name>/<split>/ as metrics.json, per_class.csv and
 confusion.csv. Also home of the store -> batch plumbing the trainer shares: `ClipFeatureDataset`
 (optionally a random subset of each video's views) and `pad_collate` (zero-pad + mask).
-Under torchrun every rank evaluates a disjoint shard and the counts are summed (catnet.metrics).
+Under torchrun every rank evaluates a disjoint shard and the counts are summed (catnet.engine.metrics).
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from catnet import distributed as dist
+from catnet.utils import distributed as dist
 from catnet.errors import CatnetError
 from catnet.features.store import FeatureStore
-from catnet.io import atomic_write_json, atomic_write_text
-from catnet.metrics import MetricAccumulator
+from catnet.utils.io import atomic_write_json, atomic_write_text
+from catnet.engine.metrics import MetricAccumulator
 
 # ------------------------------------------------------------------------------------------ data plumbing
 
@@ -363,7 +363,7 @@ def evaluate_run(run_dir: str | Path, store: str | Path, split: str | None = Non
                  batch_size: int = 64, device: str = "cpu", num_workers: int = 0, progress: bool = False,
                  save: bool = True) -> dict[str, Any]:
     """Load a run's checkpoint, evaluate it on `store`, save under RUN/eval/<store-name>/<split>/."""
-    from catnet.train import load_run
+    from catnet.engine.train import load_run
 
     head, info = load_run(run_dir, which=which)
     store = FeatureStore(store)

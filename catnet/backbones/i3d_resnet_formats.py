@@ -270,7 +270,7 @@ def import_weights(path: str | Path) -> ImportedWeights:
         state["normalize.std"] = torch.tensor(std).view(1, 3, 1, 1, 1)
     config.update(infer_config(state))
     if labels is None and config["num_classes"] == 400 and fmt != "catnet":
-        from catnet.paths import read_labels
+        from catnet.utils.paths import read_labels
 
         labels = read_labels(KINETICS400_LABELS)
     return ImportedWeights(state, fmt, config, labels)

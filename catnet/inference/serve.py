@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from catnet.errors import CatnetError
-from catnet.paths import catnet_home
+from catnet.utils.paths import catnet_home
 
 STATIC = Path(__file__).parent / "serve_static"
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".gif")
@@ -286,7 +286,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_app(args: argparse.Namespace) -> App:
     """The model (cheap settings unless asked otherwise), samples and limits from the command line."""
-    from catnet.predict import Predictor
+    from catnet.inference.predict import Predictor
 
     if args.max_mb <= 0:
         raise CatnetError(f"--max-mb must be > 0, got {args.max_mb}")

@@ -35,11 +35,11 @@ import yaml
 from torch import nn
 
 import catnet
-from catnet import distributed as dist
+from catnet.utils import distributed as dist
 from catnet.backbones.common import amp_dtype, autocast
 from catnet.config import from_dict, load_yaml, to_dict
 from catnet.errors import CatnetError
-from catnet.evaluate import (
+from catnet.engine.evaluate import (
     _loader,
     check_finite,
     evaluate_indices,
@@ -49,8 +49,8 @@ from catnet.evaluate import (
 )
 from catnet.features.store import FeatureStore
 from catnet.heads import build_head, head_from_config, load_head_preset
-from catnet.io import atomic_write_json
-from catnet.runs import (
+from catnet.utils.io import atomic_write_json
+from catnet.engine.runs import (
     CHECKPOINTS,
     NO_VALIDATION,
     RUN_JSON,

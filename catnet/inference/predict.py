@@ -102,7 +102,7 @@ class Predictor:
     @classmethod
     def from_run(cls, run_dir: str | Path, which: str = "best", **overrides) -> Predictor:
         """A trained run: its head and classes, and the backbone + sampling its feature store used."""
-        from catnet.train import load_run
+        from catnet.engine.train import load_run
 
         head, info = load_run(run_dir, which=which)
         backbone, sampling, spatial = backbone_from_manifest(store_manifest(info))

@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from catnet.errors import CatnetError
-from catnet.io import atomic_write, atomic_write_json
-from catnet.paths import catnet_home
+from catnet.utils.io import atomic_write, atomic_write_json
+from catnet.utils.paths import catnet_home
 
 if TYPE_CHECKING:
     import torch

@@ -18,19 +18,19 @@ from catnet.errors import CatnetError
 
 # verb -> (module, one-line help). Order is the order of the data flow.
 VERBS: dict[str, tuple[str, str]] = {
-    "weights": ("catnet.weights", "fetch and convert the pretrained Kinetics-400 Inception-I3D weights"),
+    "weights": ("catnet.backbones.i3d_inception_weights", "fetch and convert the pretrained Kinetics-400 Inception-I3D weights"),
     "synth": ("catnet.data.synth", "generate the synthetic action-video dataset"),
-    "extract": ("catnet.extract", "extract clip features from videos into a feature store"),
+    "extract": ("catnet.features.extract", "extract clip features from videos into a feature store"),
     "inspect": ("catnet.features.inspect", "summarise a feature store"),
-    "train": ("catnet.train", "train a video-level head on a feature store"),
-    "eval": ("catnet.evaluate", "evaluate a trained run on a feature store"),
-    "finetune-backbone": ("catnet.finetune", "fine-tune a backbone on clips (the paper's baseline)"),
-    "predict": ("catnet.predict", "predict actions on videos, with the moments that mattered"),
-    "export": ("catnet.export", "export a trained head or a backbone to ONNX / TorchScript"),
-    "report": ("catnet.report", "write the analysis report (Figs. 4-6) for a run"),
-    "demo": ("catnet.demo", "run the whole pipeline on the embedded synthetic dataset"),
-    "reproduce": ("catnet.reproduce", "run the paper's protocol end to end on a dataset"),
-    "serve": ("catnet.serve", "web page: upload a video, see its top-5 and attention timeline"),
+    "train": ("catnet.engine.train", "train a video-level head on a feature store"),
+    "eval": ("catnet.engine.evaluate", "evaluate a trained run on a feature store"),
+    "finetune-backbone": ("catnet.engine.finetune", "fine-tune a backbone on clips (the paper's baseline)"),
+    "predict": ("catnet.inference.predict", "predict actions on videos, with the moments that mattered"),
+    "export": ("catnet.inference.export", "export a trained head or a backbone to ONNX / TorchScript"),
+    "report": ("catnet.experiments.report", "write the analysis report (Figs. 4-6) for a run"),
+    "demo": ("catnet.experiments.demo", "run the whole pipeline on the embedded synthetic dataset"),
+    "reproduce": ("catnet.experiments.reproduce", "run the paper's protocol end to end on a dataset"),
+    "serve": ("catnet.inference.serve", "web page: upload a video, see its top-5 and attention timeline"),
 }
 
 

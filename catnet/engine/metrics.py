@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from catnet import distributed as dist
+from catnet.utils import distributed as dist
 
 
 def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:

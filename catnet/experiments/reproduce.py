@@ -1,14 +1,14 @@
 """`catnet reproduce DATASET --root DATA`: the paper's protocol end to end for a user who has the data.
 
-    [fine-tune the backbone (catnet.finetune)]  ->  extract clip features once per backbone
+    [fine-tune the backbone (catnet.engine.finetune)]  ->  extract clip features once per backbone
     ->  one feature store per official split (same features, that split's labels)
-    ->  train the Table-1 heads (catnet.train, recipe from configs/DATASET.yaml)  ->  evaluate
+    ->  train the Table-1 heads (catnet.engine.train, recipe from configs/DATASET.yaml)  ->  evaluate
     ->  top-1 / top-5 per head, mean ± std over the 3 splits of UCF101 / HMDB51
 
 Features do not depend on the split unless the backbone was fine-tuned on it, so without fine-tuning
 the videos are decoded and run through the backbone once; the per-split stores are cheap relabelled
 copies. Every stage is cached under --out, so an interrupted reproduction resumes where it stopped.
-The fine-tuning stage runs catnet.finetune on each split's training videos (no validation: the test
+The fine-tuning stage runs catnet.engine.finetune on each split's training videos (no validation: the test
 videos never select a checkpoint); `--skip-finetune` uses `--checkpoint` (or the backbone's own
 pretrained weights) instead.
 """
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from catnet.errors import CatnetError
-from catnet.io import atomic_write_json
+from catnet.utils.io import atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Protocol:
 # Sec. 4.1: Kinetics clips are 32 frames at stride 4; UCF101/HMDB51 clips 32 successive frames.
 PROTOCOLS = {"kinetics400": Protocol((1,), 4, "val"), "ucf101": Protocol((1, 2, 3), 1, "test"),
              "hmdb51": Protocol((1, 2, 3), 1, "test")}
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 # ------------------------------------------------------------------------------------------ annotations
@@ -125,11 +125,11 @@ HEAD_VARIANTS = {"avgpool": ("avgpool", {}), "attention_clusters": ("attention_c
 
 def finetune_backbone(cfg: ReproduceConfig, stride: int, split_id: int, items: list[dict], videos_dir: Path,
                       out: Path) -> str:
-    """Fine-tune the backbone on a split's training videos (catnet.finetune); returns its checkpoint."""
+    """Fine-tune the backbone on a split's training videos (catnet.engine.finetune); returns its checkpoint."""
     try:
-        from catnet.finetune import FinetuneConfig, finetune
+        from catnet.engine.finetune import FinetuneConfig, finetune
     except ImportError:
-        raise CatnetError("backbone fine-tuning (catnet.finetune) is not part of this install; pass "
+        raise CatnetError("backbone fine-tuning (catnet.engine.finetune) is not part of this install; pass "
                           "--skip-finetune (with --checkpoint CKPT for a fine-tuned backbone)") from None
     work = out / f"finetune-split{split_id}"
     done = work / "reproduce_done.json"
@@ -162,7 +162,7 @@ def _write_csv(path: Path, items: list[dict]) -> None:
     import csv
     import io
 
-    from catnet.io import atomic_write_text
+    from catnet.utils.io import atomic_write_text
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -175,7 +175,7 @@ def _write_csv(path: Path, items: list[dict]) -> None:
 def extract_features(cfg: ReproduceConfig, stride: int, videos_dir: Path, checkpoint: str | None,
                      out: Path) -> Path:
     """Clip features of every video under `videos_dir` (all splits at once); cached by settings."""
-    from catnet.extract import ExtractConfig, extract
+    from catnet.features.extract import ExtractConfig, extract
 
     ecfg = ExtractConfig(backbone=cfg.backbone, checkpoint=checkpoint, pretrained=cfg.pretrained,
                          num_clips=cfg.num_clips, clip_len=cfg.clip_len, stride=stride,
@@ -187,7 +187,7 @@ def extract_features(cfg: ReproduceConfig, stride: int, videos_dir: Path, checkp
                                                      "crop_size", "seed")} | {"source": str(videos_dir)},
                      sort_keys=True)
     store = out / f"features-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
-    if cfg.gpus > 1:  # one process per GPU, each taking every N-th video (catnet.extract under torchrun)
+    if cfg.gpus > 1:  # one process per GPU, each taking every N-th video (catnet.features.extract under torchrun)
         cmd = ["torchrun", f"--nproc_per_node={cfg.gpus}", "-m", "catnet", "extract", str(videos_dir),
                "--out", str(store), "--backbone", cfg.backbone, "--clips", str(cfg.num_clips), "--frames",
                str(cfg.clip_len), "--stride", str(stride), "--crops", str(cfg.num_crops), "--short-side",
@@ -234,7 +234,7 @@ def split_store(base: Path, items: list[dict], classes: list[str], out: Path) ->
 def train_config(cfg: ReproduceConfig, store: Path, run_dir: Path, head: str, opts: dict, seed: int,
                  eval_split: str):
     from catnet.config import from_dict, load_yaml
-    from catnet.train import TrainConfig
+    from catnet.engine.train import TrainConfig
 
     preset = CONFIGS / f"{cfg.dataset}.yaml"
     data = load_yaml(preset) if preset.is_file() else {}
@@ -252,12 +252,12 @@ def train_config(cfg: ReproduceConfig, store: Path, run_dir: Path, head: str, op
 
 
 def train_run(cfg: ReproduceConfig, tcfg) -> None:
-    from catnet.train import train
+    from catnet.engine.train import train
 
     run_dir = Path(tcfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     if (run_dir / "checkpoints" / "last.pt").is_file():
-        from catnet.report import read_history
+        from catnet.experiments.report import read_history
 
         hist = read_history(run_dir)
         if hist and hist[-1]["epoch"] >= tcfg.epochs:
@@ -278,7 +278,7 @@ def train_run(cfg: ReproduceConfig, tcfg) -> None:
 
 def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
     """Run the protocol; returns (and writes OUT/results.json) per-split and mean ± std metrics."""
-    from catnet.evaluate import evaluate_run
+    from catnet.engine.evaluate import evaluate_run
 
     if cfg.dataset not in PROTOCOLS:
         raise CatnetError(f"unknown dataset {cfg.dataset!r}; choose from {', '.join(PROTOCOLS)}")

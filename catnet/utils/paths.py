@@ -11,7 +11,7 @@ def catnet_home() -> Path:
 
 def label_file(name: str) -> Path:
     """A class-name list shipped inside the package (catnet/labels/NAME)."""
-    return Path(__file__).parent / "labels" / name
+    return Path(__file__).resolve().parents[1] / "labels" / name
 
 
 def read_labels(name: str) -> list[str]:

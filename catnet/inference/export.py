@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from catnet.errors import CatnetError
-from catnet.io import atomic_write
+from catnet.utils.io import atomic_write
 
 FORMATS = ("onnx", "torchscript")
 OPSET = 17
@@ -116,8 +116,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from catnet.predict import backbone_from_manifest, store_manifest
-    from catnet.train import load_run
+    from catnet.inference.predict import backbone_from_manifest, store_manifest
+    from catnet.engine.train import load_run
 
     head, info = load_run(args.run_dir, which=args.which)
     if args.part == "head":

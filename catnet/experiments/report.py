@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from catnet.errors import CatnetError
-from catnet.io import atomic_write_json, atomic_write_text
+from catnet.utils.io import atomic_write_json, atomic_write_text
 
 
 @dataclass
@@ -81,9 +81,9 @@ def read_history(run_dir: str | os.PathLike) -> list[dict[str, float]]:
 
 def analyse(head, store, indices: list[int], classes: list[str], name: str,
             history: list[dict[str, float]] | None = None) -> Analysis:
-    """Run `head` on store videos `indices` (see catnet.evaluate.predict_store) and keep what the figures
+    """Run `head` on store videos `indices` (see catnet.engine.evaluate.predict_store) and keep what the figures
     need."""
-    from catnet.evaluate import mapped_labels, predict_store
+    from catnet.engine.evaluate import mapped_labels, predict_store
 
     pred = predict_store(head, store, indices)
     labels = mapped_labels(store, classes, indices)[indices]  # all store videos -> the chosen ones
@@ -98,10 +98,10 @@ def analyse(head, store, indices: list[int], classes: list[str], name: str,
 
 def analyse_run(run_dir: str | os.PathLike, store: str | os.PathLike | None = None, split: str = "test",
                 which: str = "last") -> tuple[Analysis, Any]:
-    """Load a run (catnet.train.load_run) and analyse it on `store` (default: the store it trained on)."""
-    from catnet.evaluate import resolve_split
+    """Load a run (catnet.engine.train.load_run) and analyse it on `store` (default: the store it trained on)."""
+    from catnet.engine.evaluate import resolve_split
     from catnet.features.store import FeatureStore
-    from catnet.train import load_run
+    from catnet.engine.train import load_run
 
     head, info = load_run(run_dir, which=which)
     store_path = store or info.get("store", {}).get("path")

@@ -1,8 +1,8 @@
 """`catnet demo`: the whole system on the CPU, from nothing but installed packages and the I3D weights.
 
-    synthetic videos (catnet.data.synth)  ->  Inception-I3D clip features (catnet.extract, scaled down)
-    ->  Table 1 rows + a reduced Table 2 sweep, several seeds each (catnet.train, in-process)
-    ->  top-1/top-5 mean ± std tables  ->  report with Figs. 4-6 and training curves (catnet.report)
+    synthetic videos (catnet.data.synth)  ->  Inception-I3D clip features (catnet.features.extract, scaled down)
+    ->  Table 1 rows + a reduced Table 2 sweep, several seeds each (catnet.engine.train, in-process)
+    ->  top-1/top-5 mean ± std tables  ->  report with Figs. 4-6 and training curves (catnet.experiments.report)
 
 Every stage is cached under --out: the dataset by its config, the store by its extraction settings
 (resumable), each run by its folder (finished runs are reused, interrupted ones resumed), so a re-run
@@ -28,7 +28,7 @@ import numpy as np
 
 from catnet.config import from_dict, load_yaml
 from catnet.errors import CatnetError
-from catnet.io import atomic_write_json
+from catnet.utils.io import atomic_write_json
 
 # The paper's Kinetics numbers, for the tables' reference column (Tables 1 and 2).
 PAPER_TABLE1 = {"avgpool": (73.0, 91.0), "attention_clusters": (75.0, 91.9),
@@ -66,7 +66,7 @@ class DemoConfig:
     # Raw I3D features share a large positive mean, so FC-Norm's L2 normalisation (Eq. 4) maps every video
     # to nearly the same direction; centring them first lets the normalised heads learn at all.
     standardise: bool = True
-    # training (catnet.train): paper recipe, shortened
+    # training (catnet.engine.train): paper recipe, shortened
     epochs: int = 10
     batch_size: int = 16
     # Two learning rates: heads whose classifier sees raw (standardised) features, and heads whose
@@ -134,7 +134,7 @@ def make_dataset(cfg: DemoConfig, out: Path, progress: bool) -> Path:
 
 
 def extract_config(cfg: DemoConfig):
-    from catnet.extract import ExtractConfig
+    from catnet.features.extract import ExtractConfig
 
     return ExtractConfig(backbone=cfg.backbone, pretrained=cfg.pretrained, num_clips=cfg.num_clips,
                          clip_len=cfg.clip_len, stride=cfg.stride, num_crops=cfg.num_crops,
@@ -144,7 +144,7 @@ def extract_config(cfg: DemoConfig):
 
 def make_store(cfg: DemoConfig, annotations: Path, out: Path, progress: bool) -> Path:
     """Extract (or resume extracting) the clip features; the folder name pins the settings."""
-    from catnet.extract import extract
+    from catnet.features.extract import extract
 
     ecfg = extract_config(cfg)
     # only the settings that define the features: new ExtractConfig fields must not orphan the cache
@@ -196,7 +196,7 @@ def head_lr(cfg: DemoConfig, name: str, opts: dict) -> float:
 
 
 def train_config(cfg: DemoConfig, store: Path, run_dir: Path, name: str, opts: dict, seed: int):
-    from catnet.train import TrainConfig
+    from catnet.engine.train import TrainConfig
 
     return TrainConfig(store=str(store), out=str(run_dir), head=name, head_options=dict(opts),
                        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=head_lr(cfg, name, opts),
@@ -206,7 +206,7 @@ def train_config(cfg: DemoConfig, store: Path, run_dir: Path, name: str, opts: d
 
 
 def _finished(run_dir: Path, epochs: int) -> bool:
-    from catnet.report import read_history
+    from catnet.experiments.report import read_history
 
     hist = read_history(run_dir)
     return (run_dir / "checkpoints" / "last.pt").is_file() and bool(hist) and hist[-1]["epoch"] >= epochs
@@ -215,7 +215,7 @@ def _finished(run_dir: Path, epochs: int) -> bool:
 def _stale(run_dir: Path, tcfg) -> bool:
     """True when a run folder was trained with other settings (a changed demo.yaml): retrain it."""
     from catnet.config import to_dict
-    from catnet.train import read_run_info
+    from catnet.engine.train import read_run_info
 
     if not (run_dir / "run.json").is_file():
         return False
@@ -231,7 +231,7 @@ def train_all(cfg: DemoConfig, store: Path, out: Path, jobs: list[tuple[str, dic
     The trainer's per-epoch lines go to each run's train.log; one progress bar shows the runs."""
     from tqdm import tqdm
 
-    from catnet.train import train
+    from catnet.engine.train import train
 
     runs = {}
     bar = tqdm(jobs, desc="train heads", unit="run", disable=not progress, file=sys.stderr)
@@ -256,7 +256,7 @@ def train_all(cfg: DemoConfig, store: Path, out: Path, jobs: list[tuple[str, dic
 def evaluate_all(runs: dict[tuple[str, int], Path], store: Path) -> dict[tuple[str, int], dict[str, Any]]:
     """Test-split metrics of each run's last checkpoint (the test split also served as validation during
     training, so "best" would be chosen on the test set)."""
-    from catnet.evaluate import evaluate_run
+    from catnet.engine.evaluate import evaluate_run
 
     out = {}
     for key, run_dir in runs.items():
@@ -336,7 +336,7 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     """Run every stage (cached) and return the results dict also written to OUT/results.json."""
-    from catnet.report import analyse, attention_on_action, find_segments, read_history, write_report
+    from catnet.experiments.report import analyse, attention_on_action, find_segments, read_history, write_report
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -380,9 +380,9 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     stage("evaluation")
 
     print("[demo] 5/5 report", file=sys.stderr)
-    from catnet.evaluate import resolve_split
+    from catnet.engine.evaluate import resolve_split
     from catnet.features.store import FeatureStore
-    from catnet.train import load_run
+    from catnet.engine.train import load_run
 
     fs = FeatureStore(store)
     _, test_idx = resolve_split(fs, "test")

@@ -39,14 +39,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import catnet
-from catnet import distributed as dist
+from catnet.utils import distributed as dist
 from catnet.backbones.common import amp_dtype, autocast, save_safetensors
 from catnet.config import from_dict, load_yaml, to_dict
 from catnet.errors import CatnetError, VideoError
-from catnet.extract import VideoEntry, list_videos
-from catnet.io import atomic_write_json
-from catnet.metrics import MetricAccumulator
-from catnet.runs import (
+from catnet.features.extract import VideoEntry, list_videos
+from catnet.utils.io import atomic_write_json
+from catnet.engine.metrics import MetricAccumulator
+from catnet.engine.runs import (
     CHECKPOINTS,
     NO_VALIDATION,
     RUN_JSON,
@@ -63,7 +63,7 @@ from catnet.runs import (
     wrap_ddp,
     write_metrics,
 )
-from catnet.train import parse_head_opts
+from catnet.engine.train import parse_head_opts
 from catnet.video import ClipSampling, SpatialConfig, load_clips
 
 BACKBONE_FILE = "backbone.safetensors"
@@ -172,7 +172,7 @@ def build_model(cfg: FinetuneConfig, classes: list[str]) -> nn.Module:
 def save_backbone(model: nn.Module, path: str | Path, backbone: str) -> Path:
     """Weights in the format `build_backbone(backbone, checkpoint=path)` loads (safetensors)."""
     if backbone == "i3d_r50":
-        from catnet.backbones.checkpoints import save_weights
+        from catnet.backbones.i3d_resnet_formats import save_weights
 
         return save_weights(model, path)
     meta = {"catnet_backbone": backbone, "labels": list(model.labels or [])}

@@ -1,0 +1,1 @@
+"""Training and evaluation on feature stores and videos: runs, splits, the training loop, metrics."""

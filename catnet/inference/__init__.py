@@ -1,0 +1,1 @@
+"""A trained (or pretrained) model at work: predict, export, serve."""
