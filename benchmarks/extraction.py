@@ -3,9 +3,9 @@
     python benchmarks/extraction.py                  # small CPU-sized setting (see --help)
     python benchmarks/extraction.py --device cuda --crop 224 --short-side 256 --clips 10 --crops 3
 
-Pipeline: `catnet.features.extract.extract` end to end (list videos, decode + sample + crop in DataLoader workers,
-backbone, fp16 shards written atomically) on generated videos. Backbone-only: the same model on the same
-views, already decoded and in memory, in the same batch size. Both count views (clip x crop forwards)
+Pipeline: `catnet.features.extract.extract` end to end (list videos, decode + sample + crop in DataLoader
+workers, backbone, fp16 shards written atomically) on generated videos. Backbone-only: the same model on
+the same views, already decoded and in memory, in the same batch size. Both count views (clip x crop forwards)
 per second; their ratio says how much of the decoding the pipeline hides behind compute (goal >= 0.9).
 Each pipeline setting (model eager / optimised, decoding workers) runs in the same process, interleaved
 round by round with its backbone-only twin.
@@ -90,11 +90,13 @@ def backbone_fn(views: torch.Tensor, cfg, device: torch.device):
 
 
 def bench_pipeline(args, device: torch.device, src: Path, work: Path) -> dict:
-    from catnet.features.extract import ExtractConfig, extract, list_videos
+    from catnet.data.sources import list_videos
+    from catnet.features.extract import ExtractConfig, extract
     from catnet.video import ClipSampling, SpatialConfig, load_clips
 
-    base = dict(backbone=args.backbone, pretrained=False, num_clips=args.clips, clip_len=args.frames,
-                stride=args.stride, num_crops=args.crops, short_side=args.short_side, crop_size=args.crop,
+    base = dict(backbone=args.backbone, pretrained=False,
+                sampling=ClipSampling(num_clips=args.clips, clip_len=args.frames, stride=args.stride),
+                spatial=SpatialConfig(short_side=args.short_side, crop=args.crop, num_crops=args.crops),
                 batch_size=args.batch, device=str(device))
     # the old default (eager model, 2 workers) and the optimised model with each worker count
     most = max(args.workers)

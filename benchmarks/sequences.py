@@ -3,8 +3,8 @@
     python benchmarks/sequences.py --seeds 5 --out benchmarks/results/sequences
 
 Each dataset's official TRAIN/TEST split is windowed into K "clips" (catnet.data.sequences), written as a
-feature store, and every Table-1 variant is trained on it with `catnet.engine.train.train` - the same code path
-as on video features - once per seed. The seed changes initialisation, data order and dropout, never the
+feature store, and every Table-1 variant is trained on it with `catnet.engine.train.train` - the same code
+path as on video features - once per seed. The seed changes initialisation, data order and dropout, never the
 split. Accuracy is the LAST epoch's test top-1 (no model selection on test: training runs with
 `val_split="none"`). Writes OUT/results.json (every run) and OUT/table.md (mean ± std per variant).
 """
@@ -20,11 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from catnet.data.sequences import DATASETS, WindowConfig, write_sequence_store
+from catnet.data.sequences import DATASETS, WindowConfig
 from catnet.engine.evaluate import evaluate
-from catnet.heads import table1_variants, variant_label
+from catnet.engine.runs import load_run
+from catnet.engine.train import TrainConfig, train
+from catnet.experiments.variants import table1_variants, variant_label
+from catnet.features.sequences import write_sequence_store
 from catnet.utils.io import atomic_write_json, atomic_write_text
-from catnet.engine.train import TrainConfig, load_run, train
 
 
 def run_variant(store: Path, run_dir: Path, head: str, options: dict, seed: int, args) -> dict:

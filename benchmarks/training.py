@@ -106,10 +106,10 @@ def read_store(store: Path) -> int:
 
 def parse_head(spec: str) -> tuple[str, dict]:
     """'catnet:num_heads=8,aggregation=sum' -> ('catnet', {'num_heads': 8, 'aggregation': 'sum'})."""
-    from catnet.engine.train import parse_head_opts
+    from catnet.config import parse_key_values
 
     name, _, opts = spec.partition(":")
-    return name, parse_head_opts([o for o in opts.split(",") if o])
+    return name, parse_key_values([o for o in opts.split(",") if o], "--heads")
 
 
 EPOCH_CHILD = r"""
@@ -123,11 +123,11 @@ if cold == "1":
     from pathlib import Path
     sys.path.insert(0, bench_dir)
     from training import drop_cache
-    make_loader = catnet.engine.train._loader
+    make_loader = catnet.engine.train.feature_loader
     def cold_loader(*a, **k):
         drop_cache(Path(store))
         return make_loader(*a, **k)
-    catnet.engine.train._loader = cold_loader
+    catnet.engine.train.feature_loader = cold_loader
 t0 = time.perf_counter()
 res = train(TrainConfig(store=store, out=out, head=head, head_options=json.loads(opts), epochs=1,
                         batch_size=int(batch), train_views=int(views), val_split="none", device=device,
@@ -187,8 +187,8 @@ def bench_step(args, device: torch.device) -> dict:
     import torch.nn.functional as F
     from backbone import gemm_fns  # the same two GEMMs as the backbone benchmark (torch.mm and oneDNN)
 
-    from catnet.backbones.common import amp_dtype, autocast
     from catnet.heads import build_head
+    from catnet.utils.amp import amp_dtype, autocast
 
     gemms = gemm_fns(device)
     fns, flops = {k: fn for k, (fn, _) in gemms.items()}, {k: fl for k, (_, fl) in gemms.items()}

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from catnet.backbones import build_backbone
-from catnet.backbones.i3d_resnet_formats import convert_checkpoint, detect_format, import_weights, save_weights
 from catnet.backbones.common import load_checkpoint_file, read_safetensors_metadata
+from catnet.backbones.i3d_resnet import convert_checkpoint, save_weights
+from catnet.backbones.i3d_resnet_formats import detect_format, import_weights
 from catnet.errors import CatnetError
 
 STAGES = (3, 4, 6, 3)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from catnet.utils.distributed import ShardSampler, TrainSampler
 from catnet.engine.evaluate import evaluate
+from catnet.engine.runs import load_run
 from catnet.features import FeatureStore
-from catnet.engine.train import load_run
+from catnet.utils.distributed import ShardSampler, TrainSampler
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,6 @@ then again from its caches."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,8 @@ import pytest
 import yaml
 
 from catnet.cli import main
-from catnet.experiments.demo import DemoConfig
+from catnet.config import from_dict
+from catnet.experiments.demo import DemoConfig, demo_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def test_tiny_demo_end_to_end_and_cached_rerun(tmp_path, capsys):
 
 def test_configs_demo_yaml_matches_the_defaults():
     data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    assert data == asdict(DemoConfig())
+    assert from_dict(DemoConfig, data) == DemoConfig()
 
 
 def test_bad_demo_config_is_one_line_error(tmp_path, capsys):
@@ -86,7 +86,7 @@ def test_standardised_store_uses_train_statistics_only(tmp_path):
 def test_learning_rate_per_head_family():
     from catnet.experiments.demo import head_lr
 
-    cfg = DemoConfig(lr=0.03, lr_normalised=1.0)
+    cfg = demo_config(train={"lr": 0.03}, lr_normalised=1.0)
     assert head_lr(cfg, "avgpool", {}) == 0.03
     assert head_lr(cfg, "local", {"fc_norm": False}) == 0.03
     assert head_lr(cfg, "local", {"fc_norm": True}) == 1.0
@@ -101,7 +101,7 @@ def test_changed_learning_rate_retrains_instead_of_reusing(tmp_path):
     assert main(["demo", "--tiny", "--out", str(out), "--no-progress"]) == 0
     ckpt = out / "runs" / "avgpool" / "seed0" / "checkpoints" / "last.pt"
     before = ckpt.stat().st_mtime_ns
-    cfg.write_text("lr: 0.001\n")
+    cfg.write_text("train: {lr: 0.001}\n")
     assert main(["demo", "--tiny", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
     run = json.loads((out / "runs" / "avgpool" / "seed0" / "run.json").read_text())
     assert run["train"]["lr"] == 0.001 and ckpt.stat().st_mtime_ns != before

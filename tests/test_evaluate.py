@@ -9,18 +9,7 @@ import pytest
 import torch
 
 from catnet.cli import main as cli
-from catnet.errors import CatnetError
-from catnet.engine.evaluate import (
-    HintedBatches,
-    ReadAhead,
-    evaluate,
-    evaluate_splits,
-    nonfinite_ids,
-    pad_collate,
-    predict_store,
-)
-from catnet.features import FeatureStore
-from catnet.heads import build_head
+from catnet.engine.evaluate import evaluate, evaluate_splits, predict_store
 from catnet.engine.metrics import (
     MetricAccumulator,
     confusion_matrix,
@@ -28,7 +17,12 @@ from catnet.engine.metrics import (
     per_class_accuracy,
     topk_correct,
 )
-from catnet.engine.train import TrainConfig, load_run, train
+from catnet.engine.runs import load_run
+from catnet.engine.train import TrainConfig, train
+from catnet.errors import CatnetError
+from catnet.features import FeatureStore
+from catnet.features.loader import HintedBatches, ReadAhead, nonfinite_ids, pad_collate
+from catnet.heads import build_head
 
 
 def make_store(path, n_train=12, n_test=7, d=8, classes=("a", "b", "c"), seed=0, order=None):

@@ -13,8 +13,8 @@ from test_predict import shared_tiny_run
 
 from catnet.cli import main
 from catnet.errors import CatnetError
-from catnet.inference.export import export_head
 from catnet.heads import build_head
+from catnet.inference.export import export_head
 
 D, C = 16, 5
 
@@ -74,8 +74,8 @@ def test_unknown_format_is_a_clear_error(tmp_path):
 
 
 def test_cli_exports_a_runs_head_equal_to_eager_on_its_store(tiny_run, tmp_path, capsys):
+    from catnet.engine.runs import load_run
     from catnet.features import FeatureStore
-    from catnet.engine.train import load_run
 
     out = tmp_path / "head.onnx"
     assert main(["export", str(tiny_run), "--format", "onnx", "--out", str(out)]) == 0

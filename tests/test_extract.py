@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from catnet.cli import main
+from catnet.data.sources import list_videos
 from catnet.errors import CatnetError
-from catnet.features.extract import list_videos
 from catnet.features import FeatureStore
 
 # tiny but complete: 2 clips x 4 frames, 3 crops of 32 px -> 6 views per video
@@ -164,14 +164,14 @@ def test_compiled_backbone_gives_the_same_features(videos, tmp_path):
 
 
 def test_compile_failure_is_one_line(videos, tmp_path, capsys, monkeypatch):
-    import catnet.backbones.common as common
+    import catnet.features.extract as extract_module
 
     def broken(model):
         def run(x):
             raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n  details...")
         return run
 
-    monkeypatch.setattr(common, "compile_for_inference", broken)
+    monkeypatch.setattr(extract_module, "compile_for_inference", broken)
     assert _extract(videos[0], tmp_path / "s", "--workers", "0", "--compile") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == ("catnet extract: error: --compile failed (RuntimeError: InvalidCxxCompiler: No "

@@ -11,8 +11,10 @@ from torch import nn
 
 from catnet.backbones import build_backbone
 from catnet.cli import main as cli
-from catnet.errors import CatnetError
+from catnet.config import from_dict
 from catnet.engine.finetune import FinetuneConfig, build_model, finetune, video_probabilities
+from catnet.errors import CatnetError
+from catnet.video import ClipSampling, SpatialConfig
 
 # One bottleneck per stage keeps the i3d_r50 graph (and its checkpoint format) at a fifth of the cost.
 SHALLOW = {"layers": [1, 1, 1, 1], "temporal_kernels": [[3], [3], [3], [1]]}
@@ -35,10 +37,13 @@ def videos(make_video, tmp_path):
 
 
 def _cfg(videos, out, **kw) -> FinetuneConfig:
-    base = dict(source=str(videos), out=str(out), backbone_options=SHALLOW, clip_len=4, stride=2,
-                short_side=32, crop=32, train_short=(32, 40), batch_size=2, test_clips=2, test_crops=1,
+    base = dict(source=str(videos), out=str(out), backbone_options=SHALLOW,
+                sampling={"num_clips": 2, "clip_len": 4, "stride": 2},
+                spatial={"short_side": 32, "crop": 32, "num_crops": 1, "train_short": (32, 40)}, batch_size=2,
                 num_workers=0, progress=False, val_split="none", epochs=2)
-    return FinetuneConfig(**{**base, **kw})
+    if "crop" in kw:
+        base["spatial"]["crop"] = kw.pop("crop")
+    return from_dict(FinetuneConfig, {**base, **kw})
 
 
 def test_cli_run_saves_a_checkpoint_that_extract_accepts(videos, tmp_path, capsys):
@@ -67,8 +72,9 @@ def test_cli_run_saves_a_checkpoint_that_extract_accepts(videos, tmp_path, capsy
     from catnet.features.extract import ExtractConfig, extract
     from catnet.features.store import FeatureStore
 
-    cfg = ExtractConfig(backbone="i3d_r50", checkpoint=str(out / "backbone.safetensors"), num_clips=2,
-                        clip_len=4, stride=2, num_crops=1, short_side=32, crop_size=32, workers=0)
+    cfg = ExtractConfig(backbone="i3d_r50", checkpoint=str(out / "backbone.safetensors"),
+                        sampling=ClipSampling(num_clips=2, clip_len=4, stride=2),
+                        spatial=SpatialConfig(short_side=32, crop=32, num_crops=1), workers=0)
     result = extract(videos, tmp_path / "store", cfg, progress=False)
     store = FeatureStore(tmp_path / "store")
     assert result.extracted == 4 and store.manifest["weights_id"] == model.weights_id
@@ -116,7 +122,7 @@ def test_inflate_from_a_2d_resnet(videos, tmp_path):
     assert torch.allclose(w.sum(2), state2d["conv1.weight"], atol=1e-5)
     assert torch.allclose(w[:, :, 0], w[:, :, 4])
 
-    from catnet.backbones.i3d_resnet_formats import save_weights
+    from catnet.backbones.i3d_resnet import save_weights
 
     save_weights(ref, tmp_path / "catnet3d.safetensors")  # 3-D weights are not an ImageNet inflation source
     with pytest.raises(CatnetError, match="not a 2-D ResNet-50"):

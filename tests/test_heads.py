@@ -15,14 +15,12 @@ import torch
 
 from catnet.config import to_dict
 from catnet.errors import CatnetError
+from catnet.experiments.variants import table1_variants, table2_variants, variant_label
 from catnet.heads import (
     HEADS,
     build_head,
     head_from_config,
     load_head_preset,
-    table1_variants,
-    table2_variants,
-    variant_label,
 )
 from catnet.heads.catnet import FCNorm, GlobalAttention, LocalAttention, aggregate
 from catnet.heads.common import Dropout, masked_softmax
@@ -407,7 +405,7 @@ def test_attention_rows_sum_to_one_and_beta_in_unit_interval(name, batch):
 def test_representation_width(options, width, batch):
     x, mask = batch
     head = make_head("catnet", options)
-    v = head.forward_features(x, mask)
+    v, _, _ = head.forward_features(x, mask)
     assert v.shape == (2, width)
     assert head.num_features == width == head.classifier.in_features
 

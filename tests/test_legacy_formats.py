@@ -63,6 +63,6 @@ def test_legacy_finetune_run_json_is_understood(legacy, tmp_path):
     from catnet.engine.finetune import FinetuneConfig
 
     info = json.loads((legacy / "finetune_run.json").read_text())
-    old = info["finetune"]
-    cfg = from_dict(FinetuneConfig, {**old, "train_short": tuple(old["train_short"])})
-    assert cfg.clip_len == 4 and cfg.crop == 32 and cfg.test_clips == 2
+    cfg = from_dict(FinetuneConfig, FinetuneConfig.upgrade(info["finetune"]))
+    assert (cfg.sampling.clip_len, cfg.spatial.crop, cfg.sampling.num_clips) == (4, 32, 2)
+    assert cfg.spatial.train_short == (32, 40)

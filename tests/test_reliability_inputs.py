@@ -17,11 +17,12 @@ from safetensors.numpy import load_file, save_file
 from test_train import cfg, make_store
 
 from catnet.cli import main
-from catnet.errors import CatnetError
 from catnet.engine.evaluate import evaluate
+from catnet.engine.runs import load_run
+from catnet.engine.train import train
+from catnet.errors import CatnetError
 from catnet.features import FeatureStore
 from catnet.features.store import read_shard_videos
-from catnet.engine.train import load_run, train
 from catnet.video import ClipSampling, SpatialConfig, clip_times, sample_clips, train_view
 from catnet.video import transforms as T
 
@@ -79,6 +80,7 @@ def test_extraction_records_nonfinite_features_as_a_failed_video(tmp_path, monke
     from reliability_corpus import moving_square
 
     import catnet.backbones
+    import catnet.features.extract
     from catnet.features.extract import ExtractConfig, extract
     from catnet.video.encode import write_video
 
@@ -95,12 +97,13 @@ def test_extraction_records_nonfinite_features_as_a_failed_video(tmp_path, monke
         model.forward_features = forward_features
         return model
 
-    monkeypatch.setattr(catnet.backbones, "build_backbone", overflowing)
+    monkeypatch.setattr(catnet.features.extract, "build_backbone", overflowing)
     frames = moving_square(8)
     write_video(tmp_path / "v" / "a" / "dark.mp4", frames)
     write_video(tmp_path / "v" / "a" / "bright.mp4", np.full_like(frames, 250))
-    cfg = ExtractConfig(backbone="i3d_r50", pretrained=False, num_clips=2, clip_len=4, stride=2, num_crops=1,
-                        short_side=32, crop_size=32, workers=0)
+    cfg = ExtractConfig(backbone="i3d_r50", pretrained=False,
+                        sampling=ClipSampling(num_clips=2, clip_len=4, stride=2),
+                        spatial=SpatialConfig(short_side=32, crop=32, num_crops=1), workers=0)
     result = extract(tmp_path / "v", tmp_path / "s", cfg, progress=False)
     assert (result.extracted, result.failed) == (1, 1)
     store = FeatureStore(tmp_path / "s")

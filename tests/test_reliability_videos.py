@@ -13,12 +13,14 @@ from test_predict import shared_tiny_run
 
 from catnet.cli import main
 from catnet.errors import CatnetError
-from catnet.features.extract import ExtractConfig, extract
 from catnet.features import FeatureStore
+from catnet.features.extract import ExtractConfig, extract
 from catnet.video import ClipSampling, SpatialConfig, load_clips
 
-TINY = ExtractConfig(backbone="i3d_r50", pretrained=False, num_clips=2, clip_len=4, stride=2, num_crops=1,
-                     short_side=32, crop_size=32, batch_size=4, workers=0, shard_size=4)
+TINY = ExtractConfig(backbone="i3d_r50", pretrained=False,
+                     sampling=ClipSampling(num_clips=2, clip_len=4, stride=2),
+                     spatial=SpatialConfig(short_side=32, crop=32, num_crops=1), batch_size=4, workers=0,
+                     shard_size=4)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,8 +10,8 @@ import pytest
 
 from catnet.cli import main
 from catnet.data.synth import SynthConfig, generate, load_segments
-from catnet.features.store import FeatureStore, StoreWriter, make_manifest
 from catnet.experiments.report import Analysis, attention_on_action, clip_weights
+from catnet.features.store import FeatureStore, StoreWriter, make_manifest
 
 TINY = SynthConfig(num_classes=3, videos_per_class=4, height=48, width=48, min_frames=16, max_frames=24)
 K, D = 4, 8

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from catnet.features import FeatureStore
 from catnet.engine.train import TrainConfig, train
+from catnet.features import FeatureStore
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 5  # 20 train videos / batch 4

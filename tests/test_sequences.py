@@ -14,9 +14,9 @@ from catnet.data.sequences import (
     window_features,
     window_times,
     window_values,
-    write_sequence_store,
 )
 from catnet.errors import CatnetError
+from catnet.features.sequences import write_sequence_store
 
 needs_aeon = pytest.mark.skipif(aeon_data_dir() is None,
                                 reason="aeon's data files not installed (pip install --no-deps aeon)")
@@ -98,7 +98,8 @@ def test_window_features_raw_and_stats():
 
 def test_tiny_training_run_on_ts_files(tmp_path):
     from catnet.engine.evaluate import evaluate
-    from catnet.engine.train import TrainConfig, load_run, train
+    from catnet.engine.runs import load_run
+    from catnet.engine.train import TrainConfig, train
 
     _write_toy(tmp_path / "Toy_TRAIN.ts", seed=0)
     _write_toy(tmp_path / "Toy_TEST.ts", n_per_class=5, seed=1)

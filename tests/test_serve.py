@@ -151,7 +151,7 @@ def test_unknown_sample_is_404(server):
 def _args(*argv):
     import argparse
 
-    from catnet.inference.serve import add_arguments
+    from catnet.cli.serve import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -159,7 +159,7 @@ def _args(*argv):
 
 
 def test_cli_settings_are_cheap_by_default(tmp_path, monkeypatch):
-    from catnet.inference.serve import build_app
+    from catnet.cli.serve import build_app
 
     monkeypatch.setenv("CATNET_HOME", str(tmp_path))
     (tmp_path / "more").mkdir()
@@ -175,8 +175,8 @@ def test_cli_settings_are_cheap_by_default(tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv,match", [(["--max-mb", "0"], "--max-mb"),
                                         (["--samples", "/no/such/dir"], "--samples")])
 def test_cli_bad_settings_are_clear_errors(tmp_path, monkeypatch, argv, match):
+    from catnet.cli.serve import build_app
     from catnet.errors import CatnetError
-    from catnet.inference.serve import build_app
 
     monkeypatch.setenv("CATNET_HOME", str(tmp_path))
     with pytest.raises(CatnetError, match=match):

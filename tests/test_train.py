@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from catnet.cli import main as cli
-from catnet.errors import CatnetError
 from catnet.engine.evaluate import evaluate
+from catnet.engine.runs import load_run, transfer_head
+from catnet.engine.splits import split_indices
+from catnet.engine.train import TrainConfig, train
+from catnet.errors import CatnetError
 from catnet.features import FeatureStore
-from catnet.engine.train import TrainConfig, load_run, split_indices, train, transfer_head
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -19,8 +19,8 @@ from test_train import cfg, make_store
 
 from catnet.backbones import i3d_inception_weights as weights
 from catnet.cli import main
-from catnet.errors import CatnetError
 from catnet.engine.train import train
+from catnet.errors import CatnetError
 
 MARK = "catnet-pwned"  # what the payloads try to create in the working directory
 

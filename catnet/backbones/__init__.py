@@ -2,9 +2,12 @@
 
     model = build_backbone("i3d_r50", checkpoint="I3D_8x8_R50.pyth")
     feats = model.forward_features(clips)   # clips: (B, 3, T, H, W) float RGB in [0, 1] -> (B, D)
+    maps = model.forward_map(clips)         # the last feature map (B, D, T', H', W')
 
-Every backbone normalises its input itself, and carries num_features, num_classes, labels,
-default_clip_len, default_crop and weights_id (see docs/architecture.md and docs/backbones.md).
+Every backbone keeps the `ClipBackbone` contract (backbones/common.py): it normalises its input itself
+and carries num_features, num_classes, labels, weights_id, weights_source and pretrained_cfg (the clip
+length, stride, crop and statistics its weights expect). Unlike timm, `forward_features` returns the
+pooled clip feature, the x_i the heads consume; `forward_map` is timm's `forward_features`.
 """
 
 from __future__ import annotations
@@ -12,29 +15,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from torch import nn
-
+from catnet.backbones.common import ClipBackbone, PretrainedConfig
+from catnet.backbones.i3d_inception import build_i3d_inception
+from catnet.backbones.i3d_resnet import i3d_r50
 from catnet.errors import CatnetError
 
-
-def _i3d_r50(**kwargs) -> nn.Module:
-    from catnet.backbones.i3d_resnet import i3d_r50
-
-    return i3d_r50(**kwargs)
-
-
-def _i3d_inception(**kwargs) -> nn.Module:
-    # Imported on use, so a problem in one backbone's module never breaks the others.
-    from catnet.backbones.i3d_inception import build_i3d_inception
-
-    return build_i3d_inception(**kwargs)
-
-
 # name -> builder(pretrained=..., checkpoint=..., **options)
-BACKBONES: dict[str, Callable[..., nn.Module]] = {
-    "i3d_r50": _i3d_r50,
-    "i3d_inception": _i3d_inception,
+BACKBONES: dict[str, Callable[..., ClipBackbone]] = {
+    "i3d_r50": i3d_r50,
+    "i3d_inception": build_i3d_inception,
 }
+
+__all__ = ["BACKBONES", "ClipBackbone", "PretrainedConfig", "build_backbone", "list_backbones"]
 
 
 def list_backbones() -> list[str]:
@@ -42,7 +34,7 @@ def list_backbones() -> list[str]:
 
 
 def build_backbone(name: str, pretrained: bool = False, checkpoint: str | Path | None = None,
-                   **options) -> nn.Module:
+                   **options) -> ClipBackbone:
     """Build backbone `name` with random, pretrained (`pretrained=True`) or checkpoint weights."""
     if name not in BACKBONES:
         raise CatnetError(f"unknown backbone {name!r}; choose from {', '.join(list_backbones())}")

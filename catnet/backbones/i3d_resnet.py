@@ -21,9 +21,11 @@ ImageNet inflation a 1:1 key match; checkpoints.py maps the other codebases' nam
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,14 +33,18 @@ from torch import nn
 from catnet.backbones.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    ClipBackbone,
     InputNormalize,
-    amp_dtype,
-    autocast,
+    PretrainedConfig,
+    check_state_fits,
     iter_named_pairs,
+    save_safetensors,
     weights_id,
 )
+from catnet.backbones.i3d_resnet_formats import KINETICS400_LABELS, import_weights, inflate_resnet2d
 from catnet.config import from_dict
 from catnet.errors import CatnetError
+from catnet.utils.amp import amp_dtype, autocast
 from catnet.utils.paths import catnet_home
 
 # 1 = the block's first conv is 3x1x1 ("inflated"), 0 = 1x1x1; stages res2..res5.
@@ -119,11 +125,8 @@ class Bottleneck3d(nn.Module):
         return self.relu(out + shortcut)
 
 
-class I3DResNet(nn.Module):
+class I3DResNet(ClipBackbone):
     """I3D ResNet on (B, 3, T, H, W) RGB in [0, 1]; see the module docstring for the layout."""
-
-    default_clip_len = 32  # Sec. 4.1: 32-frame clips
-    default_crop = 224
 
     def __init__(self, cfg: I3DResNetConfig | None = None):
         super().__init__()
@@ -149,9 +152,6 @@ class I3DResNet(nn.Module):
         self.num_classes = cfg.num_classes
         self.dropout = nn.Dropout(cfg.dropout)
         self.fc = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else None
-        self.labels: list[str] | None = None
-        self.weights_id = ""
-        self.weights_source = "random"
         self._amp_dtype = amp_dtype(cfg.amp_dtype)
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -191,18 +191,18 @@ class I3DResNet(nn.Module):
             x = self.pool2(self.layer1(x))
             return self.layer4(self.layer3(self.layer2(x)))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 2048) clip features: the res5 map averaged over time and space (x_i of Eq. (1))."""
-        return self.forward_map(x).mean(dim=(2, 3, 4)).float()
+    @property
+    def pretrained_cfg(self) -> PretrainedConfig:
+        """Sec. 4.1's Kinetics clips (32 frames at stride 4, 224 crops) and these weights' statistics."""
+        kinetics = self.num_classes == 400 and self.labels is not None
+        return PretrainedConfig(clip_len=32, stride=4, crop=224, short_side=256, mean=self.config.mean,
+                                std=self.config.std, labels=KINETICS400_LABELS if kinetics else None)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, 2048) clip features -> class logits, or the features when there is no classifier."""
         if self.fc is None:
             return features
         return self.fc(self.dropout(features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits (B, num_classes), or the (B, 2048) features when there is no classifier."""
-        return self.forward_head(self.forward_features(x))
 
     def conv_bn_pairs(self) -> Iterator[tuple[nn.Module, str, str]]:
         """(parent, conv, bn) attribute triples, for `common.optimize_for_inference`'s BN folding."""
@@ -221,7 +221,7 @@ class I3DResNet(nn.Module):
 
 
 def pretrained_path() -> Path:
-    """Where `pretrained=True` looks for i3d_r50 weights (converted with checkpoints.convert_checkpoint)."""
+    """Where `pretrained=True` looks for i3d_r50 weights (made by `convert_checkpoint`)."""
     return catnet_home() / "weights" / "i3d_r50.safetensors"
 
 
@@ -234,8 +234,6 @@ def i3d_r50(pretrained: bool = False, checkpoint: str | Path | None = None, **op
     options: I3DResNetConfig fields, plus `variant` ("pytorchvideo" | "slowfast" | "mmaction2": sets the
       conv1/pool1 temporal strides), `labels` (class names), `seed` (reproducible random init).
     """
-    from catnet.backbones.i3d_resnet_formats import load_i3d_r50_weights
-
     if pretrained and checkpoint is not None:
         raise CatnetError("i3d_r50: give either pretrained=True or a checkpoint, not both")
     if pretrained:
@@ -270,3 +268,60 @@ def i3d_r50(pretrained: bool = False, checkpoint: str | Path | None = None, **op
         model.labels = labels
     model.weights_id = weights_id(model)
     return model.eval()
+
+
+# ------------------------------------------------------------------------------ loading / saving
+
+
+def load_i3d_r50_weights(path: str | Path, options: Mapping[str, Any]) -> I3DResNet:
+    """An I3DResNet carrying the weights in `path`; `options` (config fields) override what the file implies.
+
+    A different `num_classes` keeps the trunk and starts a fresh classifier (fine-tuning); explicit
+    `mean`/`std` replace the normalisation the weights came with.
+    """
+    imported = import_weights(path)
+    model = I3DResNet(from_dict(I3DResNetConfig, {**imported.config, **options}))
+    state = imported.state_dict
+    if imported.format == "resnet2d":
+        state = inflate_resnet2d(state, model.state_dict())
+    if imported.config.get("num_classes", 0) != model.num_classes:  # a new (or no) classifier
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        if model.fc is not None:
+            nn.init.normal_(model.fc.weight, std=0.01)
+            nn.init.zeros_(model.fc.bias)
+    own = model.state_dict()
+    state = {**{k: own[k] for k in own if k.startswith(("fc.", "normalize.")) and k not in state}, **state}
+    _load_strict(model, state, path)
+    if "mean" in options or "std" in options or imported.format == "resnet2d":
+        model.normalize.set(model.config.mean, model.config.std)
+    else:
+        model.config.mean = tuple(model.normalize.mean.flatten().tolist())
+        model.config.std = tuple(model.normalize.std.flatten().tolist())
+    if imported.labels is not None and len(imported.labels) == model.num_classes:
+        model.labels = list(imported.labels)
+    model.weights_source = f"{imported.format}:{Path(path).name}"
+    return model
+
+
+def _load_strict(model: I3DResNet, state: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    check_state_fits(model.state_dict(), state, f"checkpoint {source} does not fit i3d_r50")
+    model.load_state_dict(state)
+
+
+def save_weights(model: I3DResNet, path: str | Path) -> Path:
+    """Write an i3d_r50's weights, config and labels as safetensors (atomically); reload with checkpoint=path.
+
+    The weights must be unfolded (save before `optimize_for_inference`).
+    """
+    if any(isinstance(m, nn.Identity) for name, m in model.named_modules()
+           if name.endswith(("bn1", "bn2", "bn3"))):
+        raise CatnetError("cannot save a BN-folded model; save the weights before optimize_for_inference")
+    meta = {"catnet_backbone": "i3d_r50", "config": json.dumps(dataclasses.asdict(model.config))}
+    if getattr(model, "labels", None):
+        meta["labels"] = json.dumps(list(model.labels))
+    return save_safetensors(model.state_dict(), path, meta)
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, **options) -> Path:
+    """Convert any supported checkpoint into catnet i3d_r50 safetensors (e.g. for pretrained=True)."""
+    return save_weights(i3d_r50(checkpoint=src, **options), dst)

@@ -1,4 +1,6 @@
-"""Import I3D ResNet-50 weights from the public codebases into catnet's i3d_r50, and save them back out.
+"""Pure key maps for I3D ResNet-50 checkpoints of the public codebases -> catnet's i3d_r50 names.
+
+Nothing here builds a model: `i3d_resnet.py` loads what `import_weights` returns (and saves weights back).
 
 Formats, detected from the parameter names (wrappers like {"model_state": ...}, {"state_dict": ...} and
 "module."/"model." prefixes are peeled off first):
@@ -18,7 +20,6 @@ Temporal kernel sizes, depth and classifier size are read from the weight shapes
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from collections.abc import Mapping
@@ -36,12 +37,11 @@ from catnet.backbones.common import (
     KINETICS_STD,
     MMACTION2_MEAN,
     MMACTION2_STD,
-    check_state_fits,
     load_checkpoint_file,
     read_safetensors_metadata,
-    save_safetensors,
 )
 from catnet.errors import CatnetError
+from catnet.utils.paths import read_labels
 
 FORMATS = ("catnet", "pytorchvideo", "slowfast", "mmaction2", "resnet2d")
 KINETICS400_LABELS = "kinetics400_deepmind_order.txt"  # alphabetical, the order all three codebases use
@@ -270,69 +270,5 @@ def import_weights(path: str | Path) -> ImportedWeights:
         state["normalize.std"] = torch.tensor(std).view(1, 3, 1, 1, 1)
     config.update(infer_config(state))
     if labels is None and config["num_classes"] == 400 and fmt != "catnet":
-        from catnet.utils.paths import read_labels
-
         labels = read_labels(KINETICS400_LABELS)
     return ImportedWeights(state, fmt, config, labels)
-
-
-# ------------------------------------------------------------------------------ building / saving
-
-
-def load_i3d_r50_weights(path: str | Path, options: Mapping[str, Any]):
-    """An I3DResNet carrying the weights in `path`; `options` (config fields) override what the file implies.
-
-    A different `num_classes` keeps the trunk and starts a fresh classifier (fine-tuning); explicit
-    `mean`/`std` replace the normalisation the weights came with.
-    """
-    from catnet.backbones.i3d_resnet import I3DResNet, I3DResNetConfig
-    from catnet.config import from_dict
-
-    imported = import_weights(path)
-    model = I3DResNet(from_dict(I3DResNetConfig, {**imported.config, **options}))
-    state = imported.state_dict
-    if imported.format == "resnet2d":
-        state = inflate_resnet2d(state, model.state_dict())
-    if imported.config.get("num_classes", 0) != model.num_classes:  # a new (or no) classifier
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        if model.fc is not None:
-            torch.nn.init.normal_(model.fc.weight, std=0.01)
-            torch.nn.init.zeros_(model.fc.bias)
-    own = model.state_dict()
-    state = {**{k: own[k] for k in own if k.startswith(("fc.", "normalize.")) and k not in state}, **state}
-    _load_strict(model, state, path)
-    if "mean" in options or "std" in options or imported.format == "resnet2d":
-        model.normalize.set(model.config.mean, model.config.std)
-    else:
-        model.config.mean = tuple(model.normalize.mean.flatten().tolist())
-        model.config.std = tuple(model.normalize.std.flatten().tolist())
-    if imported.labels is not None and len(imported.labels) == model.num_classes:
-        model.labels = list(imported.labels)
-    model.weights_source = f"{imported.format}:{Path(path).name}"
-    return model
-
-
-def _load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str | Path) -> None:
-    check_state_fits(model.state_dict(), state, source, "i3d_r50")
-    model.load_state_dict(state)
-
-
-def save_weights(model: torch.nn.Module, path: str | Path) -> Path:
-    """Write an i3d_r50's weights, config and labels as safetensors (atomically); reload with checkpoint=path.
-
-    The weights must be unfolded (save before `optimize_for_inference`).
-    """
-    if any(isinstance(m, torch.nn.Identity) for name, m in model.named_modules()
-           if name.endswith(("bn1", "bn2", "bn3"))):
-        raise CatnetError("cannot save a BN-folded model; save the weights before optimize_for_inference")
-    meta = {"catnet_backbone": "i3d_r50", "config": json.dumps(dataclasses.asdict(model.config))}
-    if getattr(model, "labels", None):
-        meta["labels"] = json.dumps(list(model.labels))
-    return save_safetensors(model.state_dict(), path, meta)
-
-
-def convert_checkpoint(src: str | Path, dst: str | Path, **options) -> Path:
-    """Convert any supported checkpoint into catnet i3d_r50 safetensors (e.g. for pretrained=True)."""
-    from catnet.backbones.i3d_resnet import i3d_r50
-
-    return save_weights(i3d_r50(checkpoint=src, **options), dst)

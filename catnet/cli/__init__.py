@@ -1,36 +1,37 @@
-"""`catnet <verb>`: one argparse sub-command per job.
+"""`catnet <verb>`: one argparse sub-command per job, each a thin module over a library function.
 
-Each verb lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; only the
-module of the verb being run is imported, so `catnet --help` stays fast. Errors reach the user as one
-line (`catnet: error: ...`) with a non-zero exit status, never as a traceback (set CATNET_DEBUG=1 for one).
+Each verb module here has `add_arguments(parser)` and `run(args) -> int`; only the module of the verb
+being run is imported, so `catnet --help` stays fast. Errors reach the user as one line
+(`catnet VERB: error: ...`) with exit status 2, never as a traceback (set CATNET_DEBUG=1 for one).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 
-from catnet import __version__
 from catnet.errors import CatnetError
+from catnet.version import __version__
 
 # verb -> (module, one-line help). Order is the order of the data flow.
 VERBS: dict[str, tuple[str, str]] = {
-    "weights": ("catnet.backbones.i3d_inception_weights", "fetch and convert the pretrained Kinetics-400 Inception-I3D weights"),
-    "synth": ("catnet.data.synth", "generate the synthetic action-video dataset"),
-    "extract": ("catnet.features.extract", "extract clip features from videos into a feature store"),
-    "inspect": ("catnet.features.inspect", "summarise a feature store"),
-    "train": ("catnet.engine.train", "train a video-level head on a feature store"),
-    "eval": ("catnet.engine.evaluate", "evaluate a trained run on a feature store"),
-    "finetune-backbone": ("catnet.engine.finetune", "fine-tune a backbone on clips (the paper's baseline)"),
-    "predict": ("catnet.inference.predict", "predict actions on videos, with the moments that mattered"),
-    "export": ("catnet.inference.export", "export a trained head or a backbone to ONNX / TorchScript"),
-    "report": ("catnet.experiments.report", "write the analysis report (Figs. 4-6) for a run"),
-    "demo": ("catnet.experiments.demo", "run the whole pipeline on the embedded synthetic dataset"),
-    "reproduce": ("catnet.experiments.reproduce", "run the paper's protocol end to end on a dataset"),
-    "serve": ("catnet.inference.serve", "web page: upload a video, see its top-5 and attention timeline"),
+    "weights": ("catnet.cli.weights", "fetch and convert the pretrained Kinetics-400 Inception-I3D weights"),
+    "synth": ("catnet.cli.synth", "generate the synthetic action-video dataset"),
+    "extract": ("catnet.cli.extract", "extract clip features from videos into a feature store"),
+    "inspect": ("catnet.cli.inspect", "summarise a feature store"),
+    "features": ("catnet.cli.features", "export a store's features to npy/HDF5, import existing ones, merge"),
+    "train": ("catnet.cli.train", "train a video-level head on a feature store"),
+    "eval": ("catnet.cli.eval", "evaluate a trained run on a feature store"),
+    "finetune-backbone": ("catnet.cli.finetune_backbone",
+                          "fine-tune a backbone on clips (the paper's baseline)"),
+    "predict": ("catnet.cli.predict", "predict actions on videos, with the moments that mattered"),
+    "export": ("catnet.cli.export", "export a trained head or a backbone to ONNX / TorchScript"),
+    "report": ("catnet.cli.report", "write the analysis report (Figs. 4-6) for a run"),
+    "demo": ("catnet.cli.demo", "run the whole pipeline on the embedded synthetic dataset"),
+    "reproduce": ("catnet.cli.reproduce", "run the paper's protocol end to end on a dataset"),
+    "serve": ("catnet.cli.serve", "web page: upload a video, see its top-5 and attention timeline"),
 }
 
 
@@ -41,22 +42,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _available() -> dict[str, tuple[str, str]]:
-    out = {}
-    for verb, (module, help_) in VERBS.items():
-        try:
-            if importlib.util.find_spec(module) is not None:
-                out[verb] = (module, help_)
-        except ModuleNotFoundError:
-            pass
-    return out
-
-
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="catnet", description="CATNet video action recognition toolkit.")
     parser.add_argument("--version", action="version", version=f"catnet {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
-    for verb, (module, help_) in _available().items():
+    for verb, (module, help_) in VERBS.items():
         p = sub.add_parser(verb, help=help_, description=help_)
         if verb == selected:
             importlib.import_module(module).add_arguments(p)
@@ -71,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb is None:
         parser.print_help()
         return 2
-    module = importlib.import_module(_available()[args.verb][0])
+    module = importlib.import_module(VERBS[args.verb][0])
     try:
         return int(module.run(args) or 0)
     except CatnetError as e:

@@ -236,22 +236,35 @@ def read_hmdb51(split_dir: str | os.PathLike, root: str | os.PathLike | None = N
 # ------------------------------------------------------------------------------------ folder and CSV
 
 
-def read_folder(root: str | os.PathLike) -> Annotations:
-    """root/<class>/<video> (videos may sit deeper inside a class folder); hidden entries are ignored,
-    as are videos directly in root (they have no class)."""
+def is_video(path: Path) -> bool:
+    """A visible file with one of VIDEO_SUFFIXES."""
+    return path.suffix.lower() in VIDEO_SUFFIXES and not path.name.startswith(".") and path.is_file()
+
+
+def read_folder(root: str | os.PathLike, unlabelled: bool = False) -> Annotations:
+    """root/<class>/<video> (videos may sit deeper inside a class folder); hidden entries are ignored.
+
+    Ids are relative paths without suffix ("class/name"). Videos directly in root have no class: they
+    are skipped, or listed with label None when `unlabelled`. Two files mapping to one id ("a.mp4"
+    next to "a.avi") are refused.
+    """
     root = Path(os.path.abspath(root))
-    items = []
-    for d in sorted(root.iterdir()):
-        if not d.is_dir() or d.name.startswith("."):
+    items, seen = [], {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or not is_video(p):
             continue
-        for p in sorted(d.rglob("*")):
-            rel = p.relative_to(root)
-            if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES and \
-                    not any(part.startswith(".") for part in rel.parts):
-                items.append(VideoItem(_rel_id(rel.as_posix()), p, d.name, None))
-    classes = sorted({it.label for it in items})  # a folder without videos is not a class
+        if len(rel.parts) == 1 and not unlabelled:
+            continue
+        vid = _rel_id(rel.as_posix())
+        if vid in seen:
+            raise CatnetError(f"two videos map to id {vid!r}: {seen[vid]} and {p}; rename one")
+        seen[vid] = p
+        items.append(VideoItem(vid, p, rel.parts[0] if len(rel.parts) > 1 else None, None))
+    classes = sorted({it.label for it in items if it.label})  # a folder without videos is not a class
     if not items:
-        raise CatnetError(f"{root}: no videos in class folders (looked for {', '.join(VIDEO_SUFFIXES)})")
+        where = "" if unlabelled else " in class folders"
+        raise CatnetError(f"no videos found{where} in {root} (looked for {', '.join(VIDEO_SUFFIXES)})")
     return Annotations(items, classes, [])
 
 

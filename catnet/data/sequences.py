@@ -8,14 +8,14 @@ sampled over a video (Eq. 1) - and each window becomes one clip feature, so a se
 "video" that every head in catnet.heads accepts.
 
     train, test = load_sequences("BasicMotions", num_clips=10)      # SequenceSplit each
-    store = write_sequence_store("BasicMotions", "stores/basic")     # a FeatureStore for `catnet train`
+    # a FeatureStore for `catnet train`: catnet.features.sequences.write_sequence_store
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -233,20 +233,3 @@ def load_sequences(name: str, cfg: WindowConfig | None = None, *, data_dir: str 
         std[std < 1e-8] = 1.0  # a constant feature stays 0 instead of blowing up
         train.x, test.x = (train.x - mean) / std, (test.x - mean) / std
     return train, test
-
-
-def write_sequence_store(name: str, out: str | os.PathLike, cfg: WindowConfig | None = None, *,
-                         data_dir: str | os.PathLike | None = None):
-    """A feature store (splits `train` / `test`, one crop per clip) that `catnet train` reads as is."""
-    from catnet.features.store import FeatureStore
-
-    cfg = cfg or WindowConfig()
-    train, test = load_sequences(name, cfg, data_dir=data_dir)
-    feats = [*train.x, *test.x]
-    ids = [f"{name}_train_{i:04d}" for i in range(len(train.y))] + \
-          [f"{name}_test_{i:04d}" for i in range(len(test.y))]
-    return FeatureStore.write_synthetic(
-        out, feats, [*train.y.tolist(), *test.y.tolist()], train.classes, ids=ids,
-        splits=["train"] * len(train.y) + ["test"] * len(test.y), times=[*train.times, *test.times],
-        backbone=f"sequences:{name}", weights_id=f"window-{cfg.features}-{cfg.num_clips}x{cfg.points}",
-        sampling=asdict(cfg))

@@ -22,7 +22,6 @@ Layout written to OUT:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -33,9 +32,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from catnet.errors import CatnetError
 from catnet.utils.io import atomic_write_json, atomic_write_text
+from catnet.video.encode import write_video
 
 # An offset function maps the action phase u in [0, 1] (array) and per-video motion parameters to the
 # (len(u), 2) displacement of actors A and B (in frame units) and A's size multiplier. Offsets are 0 at
@@ -320,8 +321,6 @@ def plan(cfg: SynthConfig) -> list[tuple[str, str, VideoSpec]]:
 
 
 def _write_mp4(path: Path, frames: np.ndarray, fps: float) -> None:
-    from catnet.video.encode import write_video
-
     # encode beside the target, then rename: a killed run never leaves a half-written video.
     # Note: the encoded bytes are not bit-exact from run to run on this PyAV/x264 build (seen even with
     # threads=1); the rendered pixels, labels, splits and segments are exact.
@@ -333,8 +332,6 @@ def _write_mp4(path: Path, frames: np.ndarray, fps: float) -> None:
 def generate(out: str | os.PathLike, cfg: SynthConfig | None = None, progress: bool = True) -> Path:
     """Write the dataset to `out` (see module docstring); an existing complete copy with the same
     config is reused as is. Returns the annotation file."""
-    from tqdm import tqdm
-
     cfg = cfg or SynthConfig()
     out = Path(out)
     items = plan(cfg)
@@ -374,32 +371,3 @@ def load_segments(root: str | os.PathLike) -> dict[str, dict]:
     """The action segments of a synthetic dataset, keyed by video id (file stem); {} if there are none."""
     path = Path(root) / "segments.json"
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-# ------------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = SynthConfig()
-    p.add_argument("out", help="output folder")
-    p.add_argument("--classes", type=int, default=d.num_classes, help=f"number of classes (2-{len(CLASSES)})")
-    p.add_argument("--videos-per-class", type=int, default=d.videos_per_class)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--size", type=int, default=d.height, help="frame height and width in pixels")
-    p.add_argument("--min-frames", type=int, default=d.min_frames)
-    p.add_argument("--max-frames", type=int, default=d.max_frames)
-    p.add_argument("--no-progress", action="store_true")
-
-
-def config_from_args(args: argparse.Namespace) -> SynthConfig:
-    return SynthConfig(num_classes=args.classes, videos_per_class=args.videos_per_class, seed=args.seed,
-                       height=args.size, width=args.size, min_frames=args.min_frames,
-                       max_frames=args.max_frames)
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    ann = generate(args.out, cfg, progress=not args.no_progress)
-    n = cfg.num_classes * cfg.videos_per_class
-    print(f"{n} videos of {cfg.num_classes} classes in {args.out}; annotations: {ann}")
-    return 0

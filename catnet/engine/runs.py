@@ -1,17 +1,18 @@
-"""A run folder's files, shared by `catnet train` and `catnet finetune-backbone`.
+"""A run folder's files, shared by `catnet train` and `catnet finetune-backbone`, and reading runs back.
 
     RUN/run.json             what was trained and how (RUN_JSON)
     RUN/checkpoints/*.pt     weights-only-loadable checkpoints (save_checkpoint / load_checkpoint)
-    RUN/metrics.csv          one row per epoch (write_metrics)
+    RUN/metrics.csv          one row per epoch (write_metrics / read_history)
+    RUN/tb/                  TensorBoard events (open_writer / log_scalars)
 
-plus the RNG states a checkpoint carries for bit-exact resumes, and the deterministic per-class
-held-out split used when a dataset comes without one.
+plus the RNG states a checkpoint carries for bit-exact resumes, `load_run` (a trained head back, for
+eval, predict, export and the report) and `transfer_head` (Sec. 4.3).
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
+import dataclasses
 import io
 import json
 import math
@@ -22,25 +23,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
 
 from catnet.errors import CatnetError, unpickling_refused
+from catnet.heads import head_from_config
 from catnet.utils.io import atomic_write, atomic_write_text
 
 RUN_JSON = "run.json"
 CHECKPOINTS = "checkpoints"
-NO_VALIDATION = "none"
-
-
-def holdout(ids: list[str], labels: np.ndarray, fraction: float) -> list[bool]:
-    """Per class, the videos whose sha1(id) sorts first become validation: stable across runs/machines."""
-    held = [False] * len(ids)
-    for c in np.unique(labels):
-        members = sorted(np.flatnonzero(labels == c).tolist(),
-                         key=lambda i: hashlib.sha1(ids[i].encode()).hexdigest())
-        n_val = int(round(fraction * len(members))) if len(members) > 1 else 0
-        for i in members[: max(n_val, 1 if len(members) > 1 else 0)]:
-            held[i] = True
-    return held
 
 
 def rng_state() -> dict[str, Any]:
@@ -96,6 +87,21 @@ def read_run_info(run_dir: str | Path) -> dict[str, Any]:
         raise CatnetError(f"corrupt {path}: {e}") from None
 
 
+def uniform_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with the same columns (epochs without validation get empty cells), for the CSV."""
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    return [{k: row.get(k, "") for k in keys} for row in history]
+
+
+def read_history(run_dir: str | Path) -> list[dict[str, float]]:
+    """metrics.csv as rows of floats (empty cells left out); [] without one."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
+
+
 def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     if not history:
         return
@@ -122,8 +128,6 @@ def wrap_ddp(model: torch.nn.Module, device: str, local_rank: int, world_size: i
 
 def open_writer(out: Path, start: int):
     """The run's TensorBoard writer; a resumed run drops events logged after its checkpoint."""
-    from torch.utils.tensorboard import SummaryWriter
-
     return SummaryWriter(str(out / "tb"), purge_step=start + 1 if start else None)
 
 
@@ -133,3 +137,31 @@ def log_scalars(writer, row: dict[str, Any], epoch: int) -> None:
         if k != "epoch" and isinstance(v, float) and not math.isnan(v):
             writer.add_scalar(k.replace("_", "/", 1), v, epoch)
     writer.flush()
+
+
+# ------------------------------------------------------------------------------------------ reading runs
+
+
+def load_run(run_dir: str | Path, which: str = "best") -> tuple[nn.Module, dict[str, Any]]:
+    """The trained head of a run (eval mode, CPU) and its run.json; `which` is "best" or "last"."""
+    if which not in ("best", "last"):
+        raise CatnetError(f"which must be 'best' or 'last', got {which!r}")
+    info = read_run_info(run_dir)
+    head = head_from_config(info["head"]["config"])
+    ckpt = load_checkpoint(Path(run_dir) / CHECKPOINTS / f"{which}.pt")
+    head.load_state_dict(ckpt["model"])
+    return head.eval(), info
+
+
+def transfer_head(run_dir: str | Path, num_classes: int, in_dim: int,
+                  dropout: float | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Paper Sec. 4.3: the head of a (Kinetics-)trained run with a fresh `num_classes`-way classifier."""
+    head, info = load_run(run_dir, which="best")
+    if head.config.in_dim != in_dim:
+        raise CatnetError(f"--init-from run {run_dir} was trained on {head.config.in_dim}-d features, "
+                          f"this store has {in_dim}-d")
+    head.reset_classifier(num_classes)
+    if dropout is not None:
+        head.config = dataclasses.replace(head.config, dropout=dropout)
+        head.drop.p = dropout
+    return head.train(), info

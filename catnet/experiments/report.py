@@ -11,19 +11,27 @@
 
 from __future__ import annotations
 
-import argparse
-import csv
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+# The object-oriented API draws straight to files: no pyplot state, no GUI backend to choose.
+from matplotlib.figure import Figure
+
+from catnet.engine.evaluate import predict_store
+from catnet.engine.runs import load_run, read_history
+from catnet.engine.splits import resolve_split
 from catnet.errors import CatnetError
+from catnet.experiments.variants import variant_label
+from catnet.features.loader import mapped_labels
+from catnet.features.store import FeatureStore
+from catnet.heads.common import clip_weights as _clip_weights
 from catnet.utils.io import atomic_write_json, atomic_write_text
+from catnet.video import probe, read_frames
 
 
 @dataclass
@@ -60,31 +68,15 @@ class Analysis:
 
 
 def clip_weights(alpha: np.ndarray, num_clips: int, num_crops: int) -> np.ndarray:
-    """Fig. 6's per-clip weight: sum_i alpha_ij over heads, then over the crops of each clip.
-
-    Views are clip-major (v = k * num_crops + c), so (N, V) -> (V,) -> (K, crops) -> (K,).
-    """
-    w = np.asarray(alpha, dtype=np.float64).sum(0)
-    return w[: num_clips * num_crops].reshape(num_clips, num_crops).sum(1)
-
-
-def read_history(run_dir: str | os.PathLike) -> list[dict[str, float]]:
-    path = Path(run_dir) / "metrics.csv"
-    if not path.is_file():
-        return []
-    rows = []
-    with path.open() as f:
-        for r in csv.DictReader(f):
-            rows.append({k: float(v) for k, v in r.items() if v not in ("", None)})
-    return rows
+    """Fig. 6's per-clip weight: sum_i alpha_ij over heads, then over the crops of each clip
+    (heads.common.clip_weights; views are clip-major, v = k * num_crops + c)."""
+    return _clip_weights(np.asarray(alpha)[:, : num_clips * num_crops], num_clips)
 
 
 def analyse(head, store, indices: list[int], classes: list[str], name: str,
             history: list[dict[str, float]] | None = None) -> Analysis:
-    """Run `head` on store videos `indices` (see catnet.engine.evaluate.predict_store) and keep what the figures
+    """Run `head` on store videos `indices` (catnet.engine.evaluate.predict_store); keep what the figures
     need."""
-    from catnet.engine.evaluate import mapped_labels, predict_store
-
     pred = predict_store(head, store, indices)
     labels = mapped_labels(store, classes, indices)[indices]  # all store videos -> the chosen ones
     recs = [store[i] for i in indices]
@@ -98,25 +90,14 @@ def analyse(head, store, indices: list[int], classes: list[str], name: str,
 
 def analyse_run(run_dir: str | os.PathLike, store: str | os.PathLike | None = None, split: str = "test",
                 which: str = "last") -> tuple[Analysis, Any]:
-    """Load a run (catnet.engine.train.load_run) and analyse it on `store` (default: the store it trained on)."""
-    from catnet.engine.evaluate import resolve_split
-    from catnet.features.store import FeatureStore
-    from catnet.engine.train import load_run
-
+    """Load a run and analyse it on `store` (default: the store it trained on)."""
     head, info = load_run(run_dir, which=which)
     store_path = store or info.get("store", {}).get("path")
     if not store_path or not Path(store_path).is_dir():
         raise CatnetError(f"feature store {store_path} not found; pass --store")
     fs = FeatureStore(store_path)
     _, indices = resolve_split(fs, split)
-    name = info["head"]["name"]
-    opts = info["head"].get("options") or {}
-    try:
-        from catnet.heads import variant_label
-
-        name = variant_label(name, opts)
-    except ImportError:
-        pass
+    name = variant_label(info["head"]["name"], info["head"].get("options") or {})
     return analyse(head, fs, indices, info["classes"], name, read_history(run_dir)), fs
 
 
@@ -170,23 +151,14 @@ def attention_on_action(a: Analysis, segments: dict[str, dict]) -> dict[str, flo
 # ------------------------------------------------------------------------------------- figures
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def fig_class_delta(a: Analysis, base: Analysis, path: Path, top: int = 10) -> dict[str, float]:
     """Fig. 4: per-class top-1 change vs the baseline; the `top` largest gains and losses."""
-    plt = _plt()
     delta = a.per_class() - base.per_class()
     order = [i for i in np.argsort(-np.nan_to_num(delta, nan=0.0)) if not np.isnan(delta[i])]
     shown = order if len(order) <= 2 * top else order[:top] + order[-top:]
     vals = [100 * delta[i] for i in shown]
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(shown) + 2), 4))
+    fig = Figure(figsize=(max(6, 0.45 * len(shown) + 2), 4))
+    ax = fig.subplots()
     ax.bar(range(len(shown)), vals, color=["tab:red" if v > 0 else "tab:blue" for v in vals])
     ax.set_xticks(range(len(shown)), [a.classes[i] for i in shown], rotation=60, ha="right", fontsize=8)
     ax.axhline(0, color="k", lw=0.8)
@@ -194,7 +166,6 @@ def fig_class_delta(a: Analysis, base: Analysis, path: Path, top: int = 10) -> d
     ax.set_title(f"{a.name} vs {base.name}: per-class top-1 change")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     valid = delta[~np.isnan(delta)]
     return {"improved": int((valid > 0).sum()), "degraded": int((valid < 0).sum()),
             "unchanged": int((valid == 0).sum())}
@@ -202,10 +173,10 @@ def fig_class_delta(a: Analysis, base: Analysis, path: Path, top: int = 10) -> d
 
 def fig_accuracy_distribution(a: Analysis, path: Path) -> None:
     """Fig. 5: per-class accuracy sorted in descending order."""
-    plt = _plt()
     acc = a.per_class()
     order = [i for i in np.argsort(-np.nan_to_num(acc, nan=-1)) if not np.isnan(acc[i])]
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(order) + 2), 4))
+    fig = Figure(figsize=(max(6, 0.35 * len(order) + 2), 4))
+    ax = fig.subplots()
     ax.bar(range(len(order)), [100 * acc[i] for i in order], color="tab:green")
     if len(order) <= 60:
         ax.set_xticks(range(len(order)), [a.classes[i] for i in order], rotation=60, ha="right", fontsize=8)
@@ -214,7 +185,6 @@ def fig_accuracy_distribution(a: Analysis, path: Path) -> None:
     ax.set_title(f"{a.name}: per-class accuracy, sorted")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def fig_curves(runs: list[Analysis], path: Path) -> bool:
@@ -222,8 +192,8 @@ def fig_curves(runs: list[Analysis], path: Path) -> bool:
     runs = [r for r in runs if r.history]
     if not runs:
         return False
-    plt = _plt()
-    fig, (l, r) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    l, r = fig.subplots(1, 2)
     for run in runs:
         ep = [h["epoch"] for h in run.history]
         l.plot(ep, [h.get("train_loss", np.nan) for h in run.history], label=run.name)
@@ -233,41 +203,7 @@ def fig_curves(runs: list[Analysis], path: Path) -> bool:
     r.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return True
-
-
-def _read_frames(path: str, indices: list[int]) -> np.ndarray:
-    """Frames at `indices` of a video (catnet.video.read_frames when present)."""
-    try:
-        from catnet.video import read_frames
-    except ImportError:
-        read_frames = None
-    if read_frames is not None:
-        return read_frames(path, indices)
-    import av  # the decode module is not there: decode sequentially, keep the wanted frames
-
-    want, out = set(indices), {}
-    with av.open(path) as c:
-        for i, f in enumerate(c.decode(video=0)):
-            if i in want:
-                out[i] = f.to_ndarray(format="rgb24")
-            if i >= max(want):
-                break
-    last = out[max(out)] if out else np.zeros((8, 8, 3), np.uint8)
-    return np.stack([out.get(i, last) for i in indices])
-
-
-def _video_fps(path: str) -> float:
-    try:
-        from catnet.video import probe
-
-        return float(probe(path).fps)
-    except ImportError:
-        import av
-
-        with av.open(path) as c:
-            return float(c.streams.video[0].average_rate or 25)
 
 
 def pick_videos(a: Analysis, n: int) -> list[int]:
@@ -289,10 +225,10 @@ def fig_attention(a: Analysis, videos: list[int], path: Path, segments: dict[str
     timeline of clip weights (the ground-truth action shaded when known). Returns rows drawn."""
     if a.clip_weights is None or not videos:
         return 0
-    plt = _plt()
     shown = min(10, max(len(a.clip_weights[i]) for i in videos))
     cols = shown + 1  # frames + a timeline
-    fig, axes = plt.subplots(len(videos), cols, figsize=(1.5 * cols + 2, 1.7 * len(videos)), squeeze=False,
+    fig = Figure(figsize=(1.5 * cols + 2, 1.7 * len(videos)))
+    axes = fig.subplots(len(videos), cols, squeeze=False,
                              gridspec_kw={"width_ratios": [1] * shown + [3]})
     drawn = 0
     for row, i in zip(axes, videos, strict=True):
@@ -308,9 +244,9 @@ def fig_attention(a: Analysis, videos: list[int], path: Path, segments: dict[str
         if root is not None and not Path(vpath).is_absolute():
             vpath = str(root / vpath)
         try:
-            fps = _video_fps(vpath)
+            fps = probe(vpath).fps
             idx = [int(round(t[j].mean() * fps)) for j, _ in picks]
-            frames = _read_frames(vpath, idx)
+            frames = read_frames(vpath, idx)
         except Exception:  # a moved or unreadable video: still draw the timeline
             frames = None
         for c in range(shown):
@@ -338,7 +274,6 @@ def fig_attention(a: Analysis, videos: list[int], path: Path, segments: dict[str
                  "shaded = action segment)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return drawn
 
 
@@ -402,29 +337,3 @@ def write_report(out: str | os.PathLike, run: Analysis, baseline: Analysis | Non
         md += ["## Training curves", "", "![curves](training_curves.png)", ""]
     atomic_write_json(out / "report.json", summary)
     return atomic_write_text(out / "report.md", "\n".join(md) + "\n")
-
-
-# ------------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="a run folder (catnet train --out)")
-    p.add_argument("--baseline", default=None, help="a second run to compare per class with (Fig. 4)")
-    p.add_argument("--store", default=None, help="feature store (default: the one the run trained on)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--which", default="last", choices=["best", "last"], help="checkpoint to analyse")
-    p.add_argument("--videos", type=int, default=4, help="test videos shown in Fig. 6")
-    p.add_argument("--out", default=None, help="report folder (default RUN/report)")
-
-
-def run(args: argparse.Namespace) -> int:
-    a, store = analyse_run(args.run, args.store, args.split, args.which)
-    base = None
-    if args.baseline:
-        base, _ = analyse_run(args.baseline, args.store or store.root, args.split, args.which)
-    out = Path(args.out) if args.out else Path(args.run) / "report"
-    md = write_report(out, a, base, find_segments(store), num_videos=args.videos,
-                      title=f"catnet report: {args.run}")
-    print(f"report written to {md}", file=sys.stderr)
-    print(md)
-    return 0

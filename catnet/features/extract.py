@@ -15,12 +15,10 @@ writes its own `rankNNN-*` shards into the same store.
 
 from __future__ import annotations
 
-import argparse
+import datetime
 import fcntl
-import json
 import os
 import re
-import signal
 import sys
 import time
 from collections import deque
@@ -29,8 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
-from catnet.data.annotations import VIDEO_SUFFIXES
+from catnet.backbones import build_backbone
+from catnet.backbones.common import compile_for_inference, optimize_for_inference
+from catnet.config import check_fields, spec
+from catnet.data.sources import VideoEntry, list_videos
 from catnet.errors import CatnetError
 from catnet.features.store import (
     FORMAT_VERSION,
@@ -40,6 +43,7 @@ from catnet.features.store import (
     done_and_failed,
     make_manifest,
 )
+from catnet.video import ClipSampling, SpatialConfig, load_clips
 
 
 @dataclass
@@ -47,37 +51,28 @@ class ExtractConfig:
     """Extraction settings; the defaults are the paper's Kinetics ones (10 clips x 32 frames, stride 4,
     3 crops of 224 from a 256 short side)."""
 
-    backbone: str = "i3d_inception"
+    backbone: str = field(default="i3d_inception", metadata=spec(choices=("i3d_inception", "i3d_r50")))
     checkpoint: str | None = None
     pretrained: bool | None = None  # None: Kinetics weights for i3d_inception unless a checkpoint is given
-    num_clips: int = 10
-    clip_len: int = 32
-    stride: int = 4
-    num_crops: int = 3
-    short_side: int = 256
-    crop_size: int = 224
-    batch_size: int = 16  # views per backbone forward, gathered across videos
-    workers: int = 2  # decoding processes; 0 decodes in the main process
-    shard_size: int = 16  # videos per shard (finished videos are journaled, so a kill costs none of them)
-    flush_seconds: float = 60.0  # ... or flush at least this often, for slow (long-video) runs
+    sampling: ClipSampling = field(default_factory=ClipSampling)
+    spatial: SpatialConfig = field(default_factory=SpatialConfig)
+    batch_size: int = field(default=16, metadata=spec(ge=1))  # views per backbone forward, across videos
+    workers: int = field(default=2, metadata=spec(ge=0, le=64))  # decoding processes; 0: in-process
+    # videos per shard (finished videos are journaled, so a kill costs none of them)
+    shard_size: int = field(default=16, metadata=spec(ge=1))
+    flush_seconds: float = field(default=60.0, metadata=spec(gt=0))  # ... or flush this often
     retry_failed: bool = False
     device: str = "auto"
-    seed: int = 0  # random-init backbones must be identical across ranks and reruns
-    # Fold BN into the convs and go channels-last-3d: same features to ~1e-5, about 2x faster on CPU
-    # for i3d_r50 (benchmarks/backbone.py, docs/benchmarks.md).
+    seed: int = field(default=0, metadata=spec(ge=0, lt=2**63))  # random-init backbones: same everywhere
+    # Fold BN into the convs and go channels-last-3d: same features to ~1e-5, faster on CPU
+    # (benchmarks/backbone.py, docs/benchmarks.md).
     optimize: bool = True
-    # torch.compile the optimized model (backbones.common.compile_for_inference): a further 1.2-1.9x on
-    # CPU after a one-off compile per run; off by default because short runs and tests would mostly pay
-    # for the compile.
+    # torch.compile the optimized model (backbones.common.compile_for_inference): faster after a one-off
+    # compile per run; off by default because short runs and tests would mostly pay for the compile.
     compile: bool = False
 
-
-@dataclass
-class VideoEntry:
-    id: str
-    path: str
-    label: int = -1
-    split: str = ""
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
@@ -91,65 +86,11 @@ class ExtractResult:
     failed_before: int = 0  # recorded as failed by an earlier run and not retried
     seconds: float = 0.0
     failures: list[dict[str, str]] = field(default_factory=list)  # this run's, this rank's
+    rank: int = 0  # of this process under torchrun
 
     @property
     def exit_code(self) -> int:
         return 1 if self.failed or self.failed_before else 0
-
-
-# ------------------------------------------------------------------------------------------- sources
-
-
-def _is_video(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES and not p.name.startswith(".")
-
-
-def list_videos(source: str | os.PathLike) -> tuple[list[VideoEntry], list[str]]:
-    """Videos and class names of a folder (one sub-folder per class) or an annotation file.
-
-    Folder ids are relative paths without suffix ("class/name"), as `catnet.data.annotations`
-    makes them; videos directly in the folder have no label (-1).
-    """
-    source = Path(source)
-    if source.is_file():
-        return _from_annotations(source)
-    if not source.is_dir():
-        raise CatnetError(f"source not found: {source}")
-    classes = sorted(d.name for d in source.iterdir()
-                     if d.is_dir() and not d.name.startswith(".") and any(map(_is_video, d.rglob("*"))))
-    label_of = {c: i for i, c in enumerate(classes)}
-    entries, seen = [], {}
-    for p in sorted(source.rglob("*")):
-        rel = p.relative_to(source)
-        if not _is_video(p) or any(part.startswith(".") for part in rel.parts):
-            continue
-        vid = rel.with_suffix("").as_posix()
-        if vid in seen:  # "a.mp4" next to "a.avi"
-            raise CatnetError(f"two videos map to id {vid!r}: {seen[vid]} and {p}; rename one")
-        seen[vid] = p
-        label = label_of.get(rel.parts[0], -1) if len(rel.parts) > 1 else -1
-        entries.append(VideoEntry(vid, os.path.abspath(p), label))
-    if not entries:
-        raise CatnetError(f"no videos found in {source} (looked for {', '.join(sorted(VIDEO_SUFFIXES))})")
-    return entries, classes
-
-
-def _from_annotations(path: Path) -> tuple[list[VideoEntry], list[str]]:
-    from catnet.data.annotations import load_annotations
-
-    ann = load_annotations(path)
-    label_of = {c: i for i, c in enumerate(ann.classes)}
-    entries, seen = [], set()
-    # listed-but-missing files go through the pipeline too: they fail as "not found" and are recorded
-    for it in [*ann.items, *ann.missing]:
-        if it.id in seen:
-            raise CatnetError(f"annotation file {path} lists video id {it.id!r} twice")
-        seen.add(it.id)
-        label = -1 if it.label is None else label_of.get(it.label, -1)
-        entries.append(VideoEntry(str(it.id), os.path.abspath(it.path), label, it.split or ""))
-    if not entries:
-        raise CatnetError(f"annotation file {path} lists no videos")
-    return entries, list(ann.classes)
 
 
 # ---------------------------------------------------------------------------------------- pipeline
@@ -165,8 +106,6 @@ class _ClipDataset(torch.utils.data.Dataset):
         return len(self.entries)
 
     def __getitem__(self, i: int):
-        from catnet.video import load_clips
-
         path = self.entries[i].path
         try:
             clips = load_clips(path, self.sampling, self.spatial, train=False)
@@ -280,8 +219,6 @@ def _wants_pretrained(cfg: ExtractConfig) -> bool:
 
 
 def _build_model(cfg: ExtractConfig, device: torch.device):
-    from catnet.backbones import build_backbone
-
     pretrained = _wants_pretrained(cfg)
     if not pretrained and cfg.checkpoint is None:
         print(f"catnet extract: warning: {cfg.backbone} has random weights (seed {cfg.seed}); features are "
@@ -290,36 +227,18 @@ def _build_model(cfg: ExtractConfig, device: torch.device):
     model = build_backbone(cfg.backbone, pretrained=pretrained, checkpoint=cfg.checkpoint)
     model = model.eval().to(device)
     if cfg.optimize:
-        from catnet.backbones.common import optimize_for_inference
-
         model = optimize_for_inference(model)
     return model
-
-
-# ExtractConfig fields that must be >= 1, and the `catnet extract` flag that sets each
-_FLAGS = {"num_clips": "--clips", "clip_len": "--frames", "stride": "--stride", "num_crops": "--crops",
-          "short_side": "--short-side", "crop_size": "--crop-size", "batch_size": "--batch",
-          "shard_size": "--shard-size"}
 
 
 def extract(source: str | os.PathLike, out: str | os.PathLike, cfg: ExtractConfig | None = None,
             progress: bool = True) -> ExtractResult:
     """Extract features of every video in `source` into the store `out`; resumes an existing store."""
-    from catnet.video import ClipSampling, SpatialConfig
-
     cfg = cfg or ExtractConfig()
-    for name, flag in _FLAGS.items():  # name the flag the user typed, not the config field
-        if getattr(cfg, name) < 1:
-            raise CatnetError(f"{flag} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.workers < 0:
-        raise CatnetError(f"--workers must be >= 0, got {cfg.workers}")
-    if cfg.crop_size > cfg.short_side:
-        raise CatnetError(f"crop size {cfg.crop_size} is larger than short side {cfg.short_side}")
     rank, world = _dist_env()
     t0 = time.monotonic()
     entries, classes = list_videos(source)
-    sampling = ClipSampling(num_clips=cfg.num_clips, clip_len=cfg.clip_len, stride=cfg.stride)
-    spatial = SpatialConfig(short_side=cfg.short_side, crop=cfg.crop_size, num_crops=cfg.num_crops)
+    sampling, spatial = cfg.sampling, cfg.spatial
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise CatnetError(f"--out {root} exists and is not a directory")
@@ -354,7 +273,7 @@ def extract(source: str | os.PathLike, out: str | os.PathLike, cfg: ExtractConfi
     # already written; then drop what is done
     entries = sorted(entries, key=lambda e: e.id)[rank::world]
     done, failed = done_and_failed(root)
-    result = ExtractResult(store=str(root), total=len(entries), recovered=writer.num_recovered)
+    result = ExtractResult(store=str(root), total=len(entries), recovered=writer.num_recovered, rank=rank)
     todo = []
     for e in entries:
         if e.id in done:
@@ -376,8 +295,6 @@ def extract(source: str | os.PathLike, out: str | os.PathLike, cfg: ExtractConfi
 
 
 def _run(todo, sampling, spatial, model, device, cfg, writer, result, progress) -> None:
-    from tqdm import tqdm
-
     if not todo:
         return
     loader = torch.utils.data.DataLoader(
@@ -397,9 +314,9 @@ def _run(todo, sampling, spatial, model, device, cfg, writer, result, progress) 
             times.pop(i)
             return
         writer.add(e.id, feats, times.pop(i), label=e.label, split=e.split, path=e.path,
-                   num_crops=cfg.num_crops)
+                   num_crops=spatial.num_crops)
         result.extracted += 1
-        clips += len(feats) // cfg.num_crops
+        clips += len(feats) // spatial.num_crops
         bar.set_postfix({"clips/s": f"{clips / max(time.monotonic() - t0, 1e-6):.1f}",
                          "failed": result.failed}, refresh=False)
         bar.update(1)
@@ -411,11 +328,7 @@ def _run(todo, sampling, spatial, model, device, cfg, writer, result, progress) 
         result.failures.append({"id": e.id, "path": e.path, "reason": reason})
         bar.update(1)
 
-    compiled = None
-    if cfg.compile:
-        from catnet.backbones.common import compile_for_inference
-
-        compiled = compile_for_inference(model)
+    compiled = compile_for_inference(model) if cfg.compile else None
     batcher = _Batcher(model, cfg.batch_size, device, done, compiled)
     try:
         for i, views, clip_times, error in loader:
@@ -431,10 +344,6 @@ def _run(todo, sampling, spatial, model, device, cfg, writer, result, progress) 
 
 def _reduce_counts(result: ExtractResult) -> None:
     """Sum counts over ranks: the only collective, so gloo is set up here and nowhere else."""
-    import datetime
-
-    import torch.distributed as dist
-
     own = not dist.is_initialized()
     if own:
         # ranks finish at different times; wait long rather than fail a finished extraction
@@ -448,69 +357,3 @@ def _reduce_counts(result: ExtractResult) -> None:
     finally:
         if own:
             dist.destroy_process_group()
-
-
-# --------------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = ExtractConfig()
-    p.add_argument("source", help="folder of videos (one sub-folder per class) or an annotation file")
-    p.add_argument("--out", required=True, help="feature store folder (created, or resumed if it exists)")
-    p.add_argument("--backbone", default=d.backbone, choices=["i3d_inception", "i3d_r50"])
-    p.add_argument("--checkpoint", default=None, help="backbone weights (.safetensors or weights-only .pt)")
-    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
-                   help="Kinetics-400 weights (default: on for i3d_inception without --checkpoint)")
-    p.add_argument("--clips", type=int, default=d.num_clips, help="clips per video (K)")
-    p.add_argument("--frames", type=int, default=d.clip_len, help="frames per clip (L)")
-    p.add_argument("--stride", type=int, default=d.stride, help="frame stride inside a clip")
-    p.add_argument("--crops", type=int, default=d.num_crops, choices=[1, 3], help="spatial crops per clip")
-    p.add_argument("--short-side", type=int, default=d.short_side)
-    p.add_argument("--crop-size", type=int, default=d.crop_size)
-    p.add_argument("--batch", type=int, default=d.batch_size, help="views per backbone forward pass")
-    p.add_argument("--workers", type=int, default=d.workers, help="decoding processes (0: in-process)")
-    p.add_argument("--shard-size", type=int, default=d.shard_size, help="videos per shard (flush interval)")
-    p.add_argument("--flush-seconds", type=float, default=d.flush_seconds,
-                   help="also flush a shard at least this often")
-    p.add_argument("--retry-failed", action="store_true",
-                   help="retry videos an earlier run recorded as failed (default: skip them)")
-    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=d.optimize,
-                   help="fold BN into convs + channels-last weights for speed (default: on)")
-    p.add_argument("--compile", action="store_true",
-                   help="also torch.compile the backbone: faster on long runs, ~5-25 s to compile first")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
-
-
-def _sigterm_to_interrupt(signum, frame):
-    raise KeyboardInterrupt  # flushes finished videos on the way out (schedulers send SIGTERM first)
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = ExtractConfig(backbone=args.backbone, checkpoint=args.checkpoint, pretrained=args.pretrained,
-                        num_clips=args.clips, clip_len=args.frames, stride=args.stride, num_crops=args.crops,
-                        short_side=args.short_side, crop_size=args.crop_size, batch_size=args.batch,
-                        workers=args.workers, shard_size=args.shard_size, flush_seconds=args.flush_seconds,
-                        retry_failed=args.retry_failed, device=args.device,
-                        optimize=getattr(args, "optimize", True), compile=getattr(args, "compile", False))
-    previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
-    try:
-        result = extract(args.source, args.out, cfg, progress=not args.no_progress)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    rank, _ = _dist_env()
-    for f in result.failures[:20]:
-        print(f"failed: {f['path']}: {f['reason']}", file=sys.stderr)
-    if len(result.failures) > 20:
-        print(f"... and {len(result.failures) - 20} more failures this run", file=sys.stderr)
-    if rank == 0:
-        summary = {k: v for k, v in asdict(result).items() if k != "failures"}
-        summary["videos_per_s"] = round(result.extracted / max(result.seconds, 1e-9), 3)
-        if args.json:
-            print(json.dumps(summary, sort_keys=True))
-        else:
-            print(f"{result.extracted} extracted, {result.already_done} already in store, "
-                  f"{result.failed} failed, {result.failed_before} failed earlier (not retried; "
-                  f"--retry-failed) of {result.total} videos in {result.seconds:.1f}s -> {result.store}")
-    return result.exit_code

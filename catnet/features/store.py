@@ -32,11 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import av
 import numpy as np
+import safetensors
+import torch
 from safetensors.numpy import save_file
 
 from catnet.errors import CatnetError
 from catnet.utils.io import _fsync_dir, atomic_write, atomic_write_json
+from catnet.version import __version__
 
 FORMAT = "catnet-feature-store"
 FORMAT_VERSION = 1
@@ -491,21 +495,10 @@ class FeatureStore:
 def make_manifest(*, backbone: str, weights_id: str, num_features: int, sampling: dict[str, Any],
                   spatial: dict[str, Any], classes: list[str], **extra: Any) -> dict[str, Any]:
     """A manifest dict: what produced the features, plus library versions for provenance."""
-    import safetensors
-    import torch
-
-    import catnet
-
-    try:
-        import av
-
-        av_version = av.__version__
-    except ImportError:  # a store can be written (synthetic) on a machine without PyAV
-        av_version = None
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "backbone": backbone,
             "weights_id": weights_id, "num_features": int(num_features), "sampling": dict(sampling),
             "spatial": dict(spatial), "classes": list(classes), "feature_dtype": "float16",
-            "versions": {"catnet": catnet.__version__, "torch": torch.__version__, "av": av_version,
+            "versions": {"catnet": __version__, "torch": torch.__version__, "av": av.__version__,
                          "numpy": np.__version__, "safetensors": safetensors.__version__},
             **extra}
 

@@ -2,11 +2,14 @@
 
     head = build_head("catnet", in_dim=2048, num_classes=400, num_heads=32, aggregation="concat")
     logits = head(x, mask)                       # (B, C)
-    out = head.forward_attention(x, mask)        # {"logits", "alpha" (B, N, K) | None, "beta" (B, N) | None}
+    v, alpha, beta = head.forward_features(x, mask)  # V (B, F); alpha (B, N, K) | None; beta (B, N) | None
+    logits = head.forward_head(v)                # dropout + classifier
+    out = head.forward_attention(x, mask)        # {"logits", "alpha", "beta"}
     same = head_from_config(to_dict(head.config))  # what run.json stores
 
 Names: `catnet`, `local` and `avgpool` are presets of one module (catnet.py, paper Table 1);
-`attention_clusters`, `netvlad`, `lstm` are the aggregation baselines.
+`attention_clusters`, `netvlad`, `lstm` are the aggregation baselines. The paper's Table 1-2 grids of
+these are in catnet.experiments.variants.
 """
 
 from __future__ import annotations
@@ -35,8 +38,6 @@ _REGISTRY: dict[str, tuple[type[HeadConfig], type[VideoHead], dict[str, Any]]] =
 }
 HEADS: list[str] = list(_REGISTRY)
 
-TABLE2_HEADS = (1, 4, 8, 16, 32, 64)
-
 __all__ = [
     "HEADS",
     "AttentionClustersConfig",
@@ -49,9 +50,6 @@ __all__ = [
     "head_from_config",
     "load_head_preset",
     "masked_softmax",
-    "table1_variants",
-    "table2_variants",
-    "variant_label",
 ]
 
 
@@ -84,27 +82,3 @@ def load_head_preset(path: str | Path) -> tuple[str, dict[str, Any]]:
     _lookup(name)
     build_head(name, 1, 1, **data)  # validates keys and values now rather than at training time
     return name, data
-
-
-def table1_variants() -> list[tuple[str, dict[str, Any]]]:
-    """The rows of the paper's Table 1, in order: baseline, local w/o and w/ FC-Norm, CATNet."""
-    return [("avgpool", {}), ("local", {"fc_norm": False}), ("local", {"fc_norm": True}), ("catnet", {})]
-
-
-def table2_variants() -> list[tuple[str, dict[str, Any]]]:
-    """Table 2: N in {1, 4, 8, 16, 32, 64} x {concatenation, summation}, both with full CATNet."""
-    aggs = ("concat", "sum")
-    return [("catnet", {"num_heads": n, "aggregation": agg}) for n in TABLE2_HEADS for agg in aggs]
-
-
-def variant_label(name: str, options: dict[str, Any]) -> str:
-    """A short human name for a (name, options) variant, e.g. for table rows and plot legends."""
-    if name == "avgpool":
-        return "avgpool (baseline)"
-    if name == "local":
-        return "local w/ FC-Norm" if options.get("fc_norm", True) else "local w/o FC-Norm"
-    if name == "catnet" and options:
-        n = options.get("num_heads", CATNetConfig.num_heads)
-        return f"catnet N={n} {options.get('aggregation', CATNetConfig.aggregation)}"
-    extra = " ".join(f"{k}={v}" for k, v in sorted(options.items()))
-    return f"{name} {extra}".strip()

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from catnet.heads.catnet import LocalAttention
-from catnet.heads.common import Dropout, HeadConfig, VideoHead, check_positive, l2_normalize_heads
+from catnet.heads.common import HeadConfig, VideoHead, check_positive, l2_normalize_heads
 
 
 @dataclass
@@ -45,11 +45,8 @@ class AttentionClustersHead(VideoHead):
         self.config = c = config
         self.local = LocalAttention(c.in_dim, c.num_heads)
         self.shift = Shift(c.num_heads)
-        self.num_features = c.num_heads * c.in_dim
-        self.drop = Dropout(c.dropout)
-        self.classifier = nn.Linear(self.num_features, c.num_classes)
+        self._init_classifier(c.num_heads * c.in_dim)
 
-    def _forward(self, x, mask):
+    def _features(self, x, mask):
         y, alpha = self.local(x, mask)
-        v = self.shift(y).flatten(1)
-        return self.classifier(self.drop(v)), alpha, None
+        return self.shift(y).flatten(1), alpha, None

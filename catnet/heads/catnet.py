@@ -27,14 +27,12 @@ import torch
 from torch import nn
 
 from catnet.heads.common import (
-    Dropout,
     HeadConfig,
     VideoHead,
     check_choice,
     check_positive,
     l2_normalize_heads,
     masked_softmax,
-    prepare_inputs,
 )
 
 ATTENTIONS = ("learned", "uniform")
@@ -167,13 +165,7 @@ class CATNetHead(VideoHead):
         self.local = LocalAttention(c.in_dim, n) if c.attention == "learned" else None
         self.fc_norm = FCNorm(c.in_dim, d, n, c.per_head_fc) if c.fc_norm else None
         self.global_att = GlobalAttention(d) if c.global_attention else None
-        self.num_features = n * d if c.aggregation == "concat" else d
-        self.drop = Dropout(c.dropout)
-        self.classifier = nn.Linear(self.num_features, c.num_classes)
-
-    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None):
-        """The video representation V (B, num_features) before dropout and the classifier."""
-        return self._features(*prepare_inputs(x, mask, self.config.in_dim))[0]
+        self._init_classifier(n * d if c.aggregation == "concat" else d)
 
     def _features(self, x: torch.Tensor, mask: torch.Tensor):
         """(V, alpha | None, beta | None) for zero-padded x and bool mask."""
@@ -203,7 +195,3 @@ class CATNetHead(VideoHead):
         if self.config.per_head_fc or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return False
         return num_clips < self.config.num_heads
-
-    def _forward(self, x, mask):
-        v, alpha, beta = self._features(x, mask)
-        return self.classifier(self.drop(v)), alpha, beta

@@ -7,9 +7,11 @@ every head stays traceable by torch.export and the ONNX exporter with dynamic B 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,26 +53,48 @@ def check_positive(key: str, value: int) -> None:
 
 
 class VideoHead(nn.Module):
-    """Base class: subclasses implement `_forward(x, mask) -> (logits, alpha | None, beta | None)`.
+    """Base class of every head: clip features (B, K, D) + mask (B, K) -> video representation V -> logits.
 
-    `x` reaching `_forward` already has masked clips zeroed, so no garbage (or NaN) in padding can leak
-    into a valid output, and `mask` is a bool tensor of shape (B, K).
+    - `forward_features(x, mask)` -> (V (B, num_features), alpha (B, N, K) | None, beta (B, N) | None);
+    - `forward_head(V)` -> logits (B, C): dropout, then the linear classifier, both owned here;
+    - `forward(x, mask)` = forward_head(forward_features(x, mask)[0]); `forward_attention` returns all three
+      as a dict; `reset_classifier(n)` swaps in a fresh n-way classifier (transfer, Sec. 4.3).
+    Subclasses build their pooling, then call `_init_classifier(num_features)` (last, so the random
+    initialisation order stays pooling-then-classifier), and implement `_features(x, mask)`, which gets
+    `x` with masked clips zeroed (no garbage or NaN in padding can leak into a valid output) and a bool
+    `mask` of shape (B, K).
     """
 
     config: HeadConfig
 
+    def _init_classifier(self, num_features: int) -> None:
+        self.num_features = num_features
+        self.drop = Dropout(self.config.dropout)
+        self.classifier = nn.Linear(num_features, self.config.num_classes)
+
+    def _features(self, x: torch.Tensor, mask: torch.Tensor):
+        raise NotImplementedError
+
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+        """(V, alpha | None, beta | None): the video representation before dropout and the classifier,
+        the local attention of Eq. 2 and the global attention of Eq. 6 (None for heads without them)."""
+        return self._features(*prepare_inputs(x, mask, self.config.in_dim))
+
+    def forward_head(self, v: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.drop(v))
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x, mask = prepare_inputs(x, mask, self.config.in_dim)
-        return self._forward(x, mask)[0]
+        return self.forward_head(self.forward_features(x, mask)[0])
 
     def forward_attention(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
         """Logits plus the local attention alpha (B, N, K) and global attention beta (B, N), or None."""
-        x, mask = prepare_inputs(x, mask, self.config.in_dim)
-        logits, alpha, beta = self._forward(x, mask)
-        return {"logits": logits, "alpha": alpha, "beta": beta}
+        v, alpha, beta = self.forward_features(x, mask)
+        return {"logits": self.forward_head(v), "alpha": alpha, "beta": beta}
 
-    def _forward(self, x: torch.Tensor, mask: torch.Tensor):
-        raise NotImplementedError
+    def reset_classifier(self, num_classes: int) -> None:
+        """A freshly initialised `num_classes`-way classifier; everything before it is kept."""
+        self.config = dataclasses.replace(self.config, num_classes=num_classes)
+        self.classifier = nn.Linear(self.num_features, num_classes).to(self.classifier.weight.device)
 
 
 class Dropout(nn.Dropout):
@@ -129,3 +153,14 @@ def l2_normalize_heads(y: torch.Tensor) -> torch.Tensor:
     The sqrt(N) makes the concatenation of the N heads unit-norm as a whole.
     """
     return F.normalize(y, dim=-1, eps=NORM_EPS) / math.sqrt(y.shape[-2])
+
+
+def clip_weights(alpha, num_clips: int) -> np.ndarray:
+    """The per-clip weight of the paper's Fig. 6: sum_i alpha_ij over the N heads (Eq. 2), summed over the
+    crops of each clip (views are clip-major, v = k * crops + c): (N, V) -> (K,) float64.
+
+    Reports show it as is; `catnet predict` shows each clip's share of the total.
+    """
+    w = np.asarray(alpha.float().cpu() if isinstance(alpha, torch.Tensor) else alpha, dtype=np.float64).sum(0)
+    crops = max(1, w.shape[0] // max(1, num_clips))
+    return w[: num_clips * crops].reshape(num_clips, crops).sum(1)

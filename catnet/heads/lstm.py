@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from catnet.heads.common import Dropout, HeadConfig, VideoHead, check_choice, check_positive, masked_mean
+from catnet.heads.common import HeadConfig, VideoHead, check_choice, check_positive, masked_mean
 
 POOLINGS = ("last", "mean")
 
@@ -49,11 +49,9 @@ class LSTMHead(VideoHead):
         super().__init__()
         self.config = c = config
         self.lstm = nn.LSTM(c.in_dim, c.hidden_size, num_layers=c.num_layers, batch_first=True)
-        self.num_features = c.hidden_size
-        self.drop = Dropout(c.dropout)
-        self.classifier = nn.Linear(self.num_features, c.num_classes)
+        self._init_classifier(c.hidden_size)
 
-    def _forward(self, x, mask):
+    def _features(self, x, mask):
         packed, count = pack_valid_first(x, mask)
         # Explicit zero states sized from x keep the batch dimension dynamic in the ONNX graph.
         h0 = x.new_zeros(self.config.num_layers, x.shape[0], self.config.hidden_size)
@@ -65,4 +63,4 @@ class LSTMHead(VideoHead):
         else:
             steps = torch.arange(out.shape[1], device=x.device).unsqueeze(0)
             v = masked_mean(out, steps < count.unsqueeze(1))
-        return self.classifier(self.drop(v)), None, None
+        return v, None, None

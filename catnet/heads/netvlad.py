@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from catnet.heads.common import NORM_EPS, Dropout, HeadConfig, VideoHead, check_positive
+from catnet.heads.common import NORM_EPS, HeadConfig, VideoHead, check_positive
 
 
 @dataclass
@@ -45,9 +45,7 @@ class NetVLADHead(VideoHead):
         super().__init__()
         self.config = c = config
         self.vlad = NetVLAD(c.in_dim, c.num_clusters)
-        self.num_features = c.num_clusters * c.in_dim
-        self.drop = Dropout(c.dropout)
-        self.classifier = nn.Linear(self.num_features, c.num_classes)
+        self._init_classifier(c.num_clusters * c.in_dim)
 
-    def _forward(self, x, mask):
-        return self.classifier(self.drop(self.vlad(x, mask))), None, None
+    def _features(self, x, mask):
+        return self.vlad(x, mask), None, None

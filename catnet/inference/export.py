@@ -8,11 +8,11 @@ Class names travel inside the file (ONNX metadata `classes`, TorchScript extra f
 
 from __future__ import annotations
 
-import argparse
 import json
 import warnings
 from pathlib import Path
 
+import onnx
 import torch
 from torch import nn
 
@@ -79,8 +79,6 @@ def _export(model: nn.Module, example: torch.Tensor, fmt: str, out: str | Path, 
     meta = json.dumps({"inputs": inputs, "outputs": outputs, "classes": classes})
 
     def write_onnx(tmp: str) -> None:
-        import onnx
-
         # The torch.export-based exporter needs onnxscript; the TorchScript-based one is enough here.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -99,34 +97,3 @@ def _export(model: nn.Module, example: torch.Tensor, fmt: str, out: str | Path, 
 
     with torch.no_grad():
         return atomic_write(out, write_onnx if fmt == "onnx" else write_torchscript)
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", metavar="RUN", help="trained run directory (from `catnet train`)")
-    p.add_argument("--format", choices=FORMATS, required=True, help="onnx (onnxruntime) or torchscript")
-    p.add_argument("--out", required=True, metavar="PATH", help="file to write")
-    p.add_argument("--part", choices=("head", "backbone"), default="head",
-                   help="the trained head (default) or the backbone that made the run's features")
-    p.add_argument("--which", choices=("best", "last"), default="best", help="run checkpoint to export")
-    p.add_argument("--frames", type=int, help="backbone example clip length (default: the run's)")
-    p.add_argument("--size", type=int, help="backbone example crop size (default: the run's)")
-
-
-def run(args: argparse.Namespace) -> int:
-    from catnet.inference.predict import backbone_from_manifest, store_manifest
-    from catnet.engine.train import load_run
-
-    head, info = load_run(args.run_dir, which=args.which)
-    if args.part == "head":
-        path = export_head(head, args.format, args.out, classes=list(info["classes"]))
-    else:
-        backbone, sampling, spatial = backbone_from_manifest(store_manifest(info))
-        frames, size = args.frames or sampling.clip_len, args.size or spatial.crop
-        if frames < 1 or size < 1:
-            raise CatnetError("--frames and --size must be >= 1")
-        path = export_backbone(backbone, args.format, args.out, frames, size)
-    print(f"wrote {args.part} ({args.format}) to {path}")
-    return 0

@@ -11,10 +11,7 @@ over the 10 clips x 3 crops (the paper's I3D baseline): real Kinetics-400 predic
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from catnet.backbones import build_backbone
 from catnet.config import from_dict
+from catnet.engine.runs import load_run
 from catnet.errors import CatnetError, VideoError
+from catnet.heads.common import clip_weights
+from catnet.video import ClipSampling, SpatialConfig, load_clips, sample_clips
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -55,10 +56,9 @@ class Prediction:
 
 
 def clip_attention(alpha: torch.Tensor, num_clips: int) -> np.ndarray:
-    """α (N heads, V views) with clip-major views (v = k * crops + c) -> (K,) weights summing to 1."""
-    per_view = alpha.float().sum(0)  # Σ_i α_ij over heads (Eq. 2), as in the paper's Fig. 6
-    per_clip = per_view.reshape(num_clips, -1).mean(1)  # crops of one clip cover the same moment
-    return (per_clip / per_clip.sum().clamp_min(1e-12)).cpu().numpy()
+    """α (N heads, V views) -> (K,) each clip's share of Fig. 6's weight (heads.common.clip_weights)."""
+    w = clip_weights(alpha, num_clips)
+    return w / max(w.sum(), 1e-12)
 
 
 def sparkline(values: np.ndarray) -> str:
@@ -89,21 +89,17 @@ class Predictor:
 
     @classmethod
     def pretrained(cls, **overrides) -> Predictor:
-        """The Kinetics-400 Inception-I3D baseline (needs `catnet weights fetch` once)."""
-        from catnet.backbones import build_backbone
-        from catnet.video import ClipSampling, SpatialConfig
-
+        """The Kinetics-400 Inception-I3D baseline (needs `catnet weights fetch` once): 10 clips x 3 crops
+        laid out as its weights were trained (backbone.pretrained_cfg: 64 consecutive frames, 224 crops)."""
         backbone = build_backbone("i3d_inception", pretrained=True)
-        # The DeepMind I3D was trained on consecutive frames at 25 fps, hence stride 1.
-        sampling = ClipSampling(num_clips=10, clip_len=backbone.default_clip_len, stride=1)
-        spatial = SpatialConfig(crop=backbone.default_crop, num_crops=3)
+        cfg = backbone.pretrained_cfg
+        sampling = ClipSampling(num_clips=10, clip_len=cfg.clip_len, stride=cfg.stride)
+        spatial = SpatialConfig(short_side=cfg.short_side, crop=cfg.crop, num_crops=3)
         return cls(backbone, backbone.labels, *_override(sampling, spatial, **overrides))
 
     @classmethod
     def from_run(cls, run_dir: str | Path, which: str = "best", **overrides) -> Predictor:
         """A trained run: its head and classes, and the backbone + sampling its feature store used."""
-        from catnet.engine.train import load_run
-
         head, info = load_run(run_dir, which=which)
         backbone, sampling, spatial = backbone_from_manifest(store_manifest(info))
         if backbone.num_features != head.config.in_dim:
@@ -113,8 +109,6 @@ class Predictor:
 
     @torch.inference_mode()
     def __call__(self, path: str | Path, top_k: int = 5) -> Prediction:
-        from catnet.video import load_clips, sample_clips
-
         t0 = time.perf_counter()
         if not Path(path).is_file():  # callers name the video; the reason alone keeps lines short
             raise VideoError("no such file" if not Path(path).exists() else "not a file")
@@ -173,9 +167,6 @@ def store_manifest(info: dict) -> dict:
 
 def backbone_from_manifest(manifest: dict):
     """Rebuild the backbone and test-time sampling recorded in a feature-store manifest (`catnet extract`)."""
-    from catnet.backbones import build_backbone
-    from catnet.video import ClipSampling, SpatialConfig
-
     name, checkpoint = manifest["backbone"], manifest.get("checkpoint")
     # Same defaults as `catnet extract`: Kinetics weights for i3d_inception unless a checkpoint is given.
     pretrained = manifest.get("pretrained")
@@ -191,31 +182,8 @@ def backbone_from_manifest(manifest: dict):
         raise CatnetError(f"backbone {name} weights {got} differ from the weights {want} the run's "
                           f"features came from (checkpoint {checkpoint!r})")
     sampling = from_dict(ClipSampling, manifest.get("sampling") or {})
-    spatial = from_dict(SpatialConfig, _json_safe_spatial(manifest.get("spatial") or {}))
+    spatial = from_dict(SpatialConfig, manifest.get("spatial") or {})
     return backbone.eval(), sampling, spatial
-
-
-def _json_safe_spatial(d: dict) -> dict:
-    # JSON turns the (256, 320) tuple into a list; the dataclass wants a tuple back.
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("videos", nargs="+", metavar="VIDEO", help="video files to classify")
-    p.add_argument("--checkpoint", metavar="RUN", help="trained run directory (default: pretrained "
-                   "Inception-I3D with its Kinetics-400 classifier, no attention)")
-    p.add_argument("--which", choices=("best", "last"), default="best", help="run checkpoint to load")
-    p.add_argument("--top-k", type=int, default=5, help="labels to show per video (default 5)")
-    p.add_argument("--json", action="store_true", help="one JSON object per video on stdout (JSON lines)")
-    p.add_argument("--verbose", action="store_true", help="print time per video to stderr")
-    cost = p.add_argument_group("cost (CPU users: fewer clips/crops/frames run faster)")
-    cost.add_argument("--clips", type=int, help="clips per video K (default: the run's, or 10)")
-    cost.add_argument("--crops", type=int, help="spatial crops per clip, 1 or 3 (default: the run's, or 3)")
-    cost.add_argument("--frames", type=int, help="frames per clip L (default: the run's/backbone's)")
-    cost.add_argument("--batch-size", type=int, default=4, help="views per backbone forward pass")
 
 
 def format_human(pred: Prediction) -> str:
@@ -233,33 +201,3 @@ def format_human(pred: Prediction) -> str:
             lines.append(f"  timeline  {sparkline(att)}  {span}; peak {pred.clips[top].start:.1f}-"
                          f"{pred.clips[top].end:.1f} s ({att[top]:.0%})")
     return "\n".join(lines)
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.top_k < 1:
-        raise CatnetError(f"--top-k must be >= 1, got {args.top_k}")
-    overrides = dict(num_clips=args.clips, num_crops=args.crops, clip_len=args.frames)
-    if args.checkpoint:
-        predictor = Predictor.from_run(args.checkpoint, which=args.which, **overrides)
-    else:
-        predictor = Predictor.pretrained(**overrides)
-    predictor.batch_size = max(1, args.batch_size)
-
-    failed = 0
-    for video in args.videos:
-        try:
-            pred = predictor(video, top_k=args.top_k)
-        except Exception as e:  # noqa: BLE001 - one bad video (whatever broke) must not stop the others
-            failed += 1
-            reason = str(e) if isinstance(e, (CatnetError, OSError)) else f"{type(e).__name__}: {e}"
-            print(f"catnet predict: error: {video}: {(reason.splitlines() or [''])[0]}", file=sys.stderr)
-            continue
-        if args.json:
-            print(json.dumps(pred.to_json()), flush=True)
-        else:
-            print(format_human(pred), flush=True)
-        if args.verbose:
-            print(f"catnet predict: {video}: {pred.seconds:.2f} s", file=sys.stderr)
-    if failed:
-        print(f"catnet predict: {len(args.videos) - failed} ok, {failed} failed", file=sys.stderr)
-    return 1 if failed else 0

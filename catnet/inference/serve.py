@@ -14,9 +14,7 @@ in seconds.
 
 from __future__ import annotations
 
-import argparse
 import base64
-import dataclasses
 import json
 import mimetypes
 import os
@@ -34,11 +32,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from catnet.errors import CatnetError
+from catnet.data.sources import VIDEO_SUFFIXES
+from catnet.errors import CatnetError, VideoError
 from catnet.utils.paths import catnet_home
+from catnet.video import probe, read_frames
+from catnet.video.encode import write_video
 
 STATIC = Path(__file__).parent / "serve_static"
-VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".gif")
 SAMPLE_NAME = "moving_square.mp4"
 THUMB_HEIGHT = 96
 NUM_KEYFRAMES = 3
@@ -56,8 +56,6 @@ class HttpError(Exception):
 
 def ensure_sample(folder: Path | None = None) -> Path:
     """A tiny synthetic clip (a square crossing the frame), generated once into catnet_home()."""
-    from catnet.video.encode import write_video
-
     path = (folder or catnet_home() / "samples") / SAMPLE_NAME
     if path.is_file():
         return path
@@ -79,7 +77,7 @@ def find_samples(extra_dirs: list[str] | None = None) -> dict[str, Path]:
         if not Path(folder).is_dir():
             raise CatnetError(f"--samples folder not found: {folder}")
         for p in sorted(Path(folder).iterdir()):
-            if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file():
+            if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file():
                 samples.setdefault(p.name, p)
     return samples
 
@@ -102,8 +100,6 @@ def png_data_url(rgb: np.ndarray) -> str:
 
 def keyframes(path: str | Path, pred, count: int = NUM_KEYFRAMES) -> list[dict]:
     """Middle frames of the highest-attention clips (evenly spaced clips when there is no attention)."""
-    from catnet.video import read_frames
-
     num = len(pred.clips)
     if num == 0 or pred.frame_indices is None:
         return []
@@ -150,12 +146,10 @@ class App:
                          "crops": p.spatial.num_crops, "crop": p.spatial.crop},
             "samples": sorted(self.samples),
             "max_bytes": self.max_bytes,
-            "extensions": list(VIDEO_EXTENSIONS),
+            "extensions": list(VIDEO_SUFFIXES),
         }
 
     def predict(self, path: Path, name: str) -> dict:
-        from catnet.errors import VideoError
-
         try:
             with self.lock:
                 pred = self.predictor(path, top_k=self.top_k)
@@ -167,9 +161,6 @@ class App:
         return out
 
     def predict_upload(self, body: bytes, name: str) -> dict:
-        from catnet.errors import VideoError
-        from catnet.video import probe
-
         with tempfile.TemporaryDirectory(prefix="catnet-serve-") as tmp:
             path = Path(tmp) / ("upload" + Path(name).suffix.lower())
             path.write_bytes(body)
@@ -231,10 +222,10 @@ class Handler(BaseHTTPRequestHandler):
         if size == 0:
             raise HttpError(HTTPStatus.BAD_REQUEST, "empty upload")
         name = self._upload_name()
-        if Path(name).suffix.lower() not in VIDEO_EXTENSIONS:
+        if Path(name).suffix.lower() not in VIDEO_SUFFIXES:
             self.close_connection = True
             raise HttpError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                            f"{name}: unsupported file type; allowed: {' '.join(VIDEO_EXTENSIONS)}")
+                            f"{name}: unsupported file type; allowed: {' '.join(VIDEO_SUFFIXES)}")
         return self.rfile.read(size)
 
     def _static(self, name: str) -> None:
@@ -266,54 +257,3 @@ def make_server(app: App, host: str = "127.0.0.1", port: int = 8000) -> Threadin
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
-    p.add_argument("--checkpoint", metavar="RUN", help="trained run (default: pretrained Inception-I3D)")
-    p.add_argument("--samples", action="append", metavar="DIR", help="extra folder of sample videos")
-    p.add_argument("--max-mb", type=float, default=100.0, help="upload size limit in MB (default 100)")
-    p.add_argument("--clips", type=int, default=4, help="clips per video (default 4: cheap on CPU)")
-    p.add_argument("--crops", type=int, default=1, help="crops per clip, 1 or 3 (default 1)")
-    p.add_argument("--frames", type=int,
-                   help=f"frames per clip (default: the model's, at most {SERVE_FRAMES})")
-    p.add_argument("--verbose", action="store_true", help="log every request to stderr")
-
-
-def build_app(args: argparse.Namespace) -> App:
-    """The model (cheap settings unless asked otherwise), samples and limits from the command line."""
-    from catnet.inference.predict import Predictor
-
-    if args.max_mb <= 0:
-        raise CatnetError(f"--max-mb must be > 0, got {args.max_mb}")
-    overrides = dict(num_clips=args.clips, num_crops=args.crops, clip_len=args.frames)
-    if args.checkpoint:
-        predictor, model = Predictor.from_run(args.checkpoint, **overrides), f"run {args.checkpoint}"
-    else:
-        predictor, model = Predictor.pretrained(**overrides), "Inception-I3D (Kinetics-400)"
-    if args.frames is None:  # I3D's 64-frame clips cost 2x the 32 frames that already work well
-        clip_len = min(SERVE_FRAMES, predictor.sampling.clip_len)
-        predictor.sampling = dataclasses.replace(predictor.sampling, clip_len=clip_len)
-    return App(predictor, find_samples(args.samples), max_bytes=int(args.max_mb * 2**20),
-               model_name=model, verbose=args.verbose)
-
-
-def run(args: argparse.Namespace) -> int:
-    app = build_app(args)
-    try:
-        server = make_server(app, args.host, args.port)
-    except OSError as e:
-        raise CatnetError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
-    host, port = server.server_address[:2]
-    print(f"catnet serve: {app.model_name} on http://{host}:{port}/  (Ctrl-C to stop)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    return 0

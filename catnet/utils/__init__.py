@@ -1,1 +1,2 @@
-"""The bottom layer: crash-safe writes (io), file locations (paths), torchrun helpers (distributed), autocast (amp)."""
+"""The bottom layer: crash-safe writes (io), file locations (paths), torchrun helpers (distributed),
+autocast (amp)."""

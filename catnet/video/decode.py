@@ -10,7 +10,12 @@ forwards without seeking. So VFR videos are indexed by decode order too, at the 
 prefix.
 
 Memory stays bounded whatever the video's length: frames are converted to RGB only when requested and
-everything else is dropped as soon as it is decoded.
+everything else is dropped as soon as it is decoded. Frame geometry is bounded too (`MAX_PIXELS`,
+`MAX_ASPECT`): absurd frames are refused before they are converted or resized.
+
+Every frame comes out in the geometry and orientation of frame 0 (which every decode starts with): a
+stream that changes resolution mid-way is scaled back to frame 0's size, and the display matrix (rotation
+and mirroring, as a player applies it) is read from frame 0.
 """
 
 from __future__ import annotations
@@ -24,7 +29,12 @@ from pathlib import Path
 import av
 import numpy as np
 
-from catnet.errors import CatnetError, VideoError
+try:
+    from av.sidedata.sidedata import Type as _SideDataType
+except ImportError:  # older PyAV: VideoFrame.rotation only
+    _SideDataType = None
+
+from catnet.errors import CatnetError, VideoError, quoted
 
 # Seek only when the next wanted frame is further ahead than this; closer frames are cheaper to reach
 # by decoding forwards than by seeking back to a keyframe and decoding up to them anyway.
@@ -33,6 +43,14 @@ SEEK_GAP = 64
 # frame); requests that far past the last decoded frame get that last frame instead of an error.
 END_SLACK = 3
 DEFAULT_FPS = 25.0
+# Geometry limits, far beyond real video (8K UHD is 7680x4320 = 33 Mpx, 12K 360-degree 11520x5760 = 66 Mpx;
+# a 32:9 panorama is 3.6:1): larger frames would not fit the decode budget, and a more extreme aspect
+# ratio would blow up when its short side is resized to 256 (2x16384 -> 256x2097152 px, 1.6 GB a frame).
+MAX_PIXELS = 2**26  # 67 Mpx, e.g. 8192x8192: 192 MB as RGB
+MAX_ASPECT = 16  # long side / short side
+# Each of FFmpeg's frame threads holds about one decoded (YUV) frame: fewer threads for huge frames keep
+# the decoder's own memory near this (4000x4000: 5 threads; 8K: 2), whatever the number of cores.
+DECODER_FRAMES_BUDGET = 128 * 2**20
 
 
 @dataclass(frozen=True)
@@ -46,6 +64,7 @@ class VideoInfo:
     width: int
     height: int
     rotation: int  # counter-clockwise degrees applied to stored frames to show them upright: 0/90/180/270
+    hflip: bool = False  # then mirrored left-right (display matrices with a flip, e.g. a selfie camera's)
 
 
 class _Inconsistent(Exception):
@@ -57,17 +76,17 @@ def _check_file(path: Path) -> None:
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise VideoError(f"no such file: {path}") from None
+        raise VideoError(f"no such file: {quoted(path)}") from None
     except OSError as e:
-        raise VideoError(f"cannot access {path}: {e.strerror or e}") from None
+        raise VideoError(f"cannot access {quoted(path)}: {_reason(e)}") from None
     if stat.S_ISDIR(st.st_mode):
-        raise VideoError(f"{path} is a directory, not a video")
+        raise VideoError(f"{quoted(path)} is a directory, not a video")
     if not stat.S_ISREG(st.st_mode):
-        raise VideoError(f"{path} is not a regular file")
+        raise VideoError(f"{quoted(path)} is not a regular file")
     if st.st_size == 0:
-        raise VideoError(f"{path} is empty (0 bytes)")
+        raise VideoError(f"{quoted(path)} is empty (0 bytes)")
     if not os.access(path, os.R_OK):
-        raise VideoError(f"permission denied: {path}")
+        raise VideoError(f"permission denied: {quoted(path)}")
 
 
 def _open(path: Path):
@@ -75,16 +94,35 @@ def _open(path: Path):
     try:
         container = av.open(str(path), mode="r")
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
-        raise VideoError(f"cannot open {path.name}: {_reason(e)}") from None
+        raise VideoError(f"cannot open {quoted(path.name)}: {_reason(e)}") from None
     if not container.streams.video:
         container.close()
-        raise VideoError(f"{path.name} has no video stream")
+        raise VideoError(f"{quoted(path.name)} has no video stream")
+    ctx = container.streams.video[0].codec_context  # None when no decoder knows the codec
+    width, height = (ctx.width or 0, ctx.height or 0) if ctx is not None else (0, 0)
+    if width > 0 and height > 0:  # the container's frame size, before the decoder allocates such a frame
+        try:
+            check_geometry(path, width, height)
+        except VideoError:
+            container.close()
+            raise
     return container
 
 
+def check_geometry(path: Path, width: int, height: int) -> None:
+    """Refuse frames larger than MAX_PIXELS or with a long side more than MAX_ASPECT times the short."""
+    if width * height > MAX_PIXELS:
+        raise VideoError(f"{quoted(Path(path).name)} has {width}x{height} frames, more than catnet's limit "
+                         f"of {MAX_PIXELS / 1e6:.0f} megapixels")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise VideoError(f"{quoted(Path(path).name)} has {width}x{height} frames, an aspect ratio beyond "
+                         f"catnet's limit of {MAX_ASPECT}:1")
+
+
 def _reason(e: Exception) -> str:
+    """FFmpeg's / the OS's reason, without the file name (which may hold a newline), on one line."""
     msg = getattr(e, "strerror", None) or str(e) or type(e).__name__
-    return msg.splitlines()[0]
+    return msg if msg.isprintable() else repr(msg)[1:-1]
 
 
 def _fps(stream) -> float | None:
@@ -94,20 +132,53 @@ def _fps(stream) -> float | None:
     return None
 
 
-def _rotation(frame) -> int:
-    """Counter-clockwise degrees (0/90/180/270) of the frame's display matrix; PyAV >= 14 exposes it."""
-    deg = getattr(frame, "rotation", 0) or 0
-    return int(round(float(deg) / 90.0)) % 4 * 90
+# The eight axis-aligned display matrices: (a, b, c, d) of FFmpeg's DISPLAYMATRIX [a b u; c d v; x y w]
+# (a point (x, y) of the stored frame, y pointing down, shows at (a x + c y, b x + d y)) for "turn
+# counter-clockwise by k * 90 degrees, then mirror left-right if f", as av_display_rotation_set(-90 k) and
+# av_display_matrix_flip(hflip=f) build them.
+_ORIENTATIONS = {(k, f): ((-1 if f else 1) * [1, 0, -1, 0][k], -[0, 1, 0, -1][k],
+                          (-1 if f else 1) * [0, 1, 0, -1][k], [1, 0, -1, 0][k])
+                 for k in range(4) for f in (False, True)}
 
 
-def _to_rgb(frame, size: tuple[int, int] | None) -> np.ndarray:
-    # `size` (w, h) pins every frame to the first one's size: streams may change resolution mid-way.
+def _display_matrix(frame) -> np.ndarray | None:
+    """The frame's DISPLAYMATRIX side data as 9 int32 (16.16 fixed point, last column 2.30), if any."""
+    if _SideDataType is None:
+        return None
+    try:
+        data = frame.side_data.get(_SideDataType.DISPLAYMATRIX)
+    except (AttributeError, KeyError, TypeError):
+        return None
+    if data is None or len(bytes(data)) != 36:
+        return None
+    return np.frombuffer(bytes(data), "<i4")
+
+
+def _orientation(frame) -> tuple[int, bool]:
+    """(k, hflip): turn the stored frame k * 90 degrees counter-clockwise, then mirror it left-right if
+    hflip, to show it as a player does. The nearest axis-aligned transform of the display matrix (rotation
+    alone used to come from `VideoFrame.rotation`, which reads a mirror as a 180-degree turn)."""
+    m = _display_matrix(frame)
+    if m is None:
+        deg = getattr(frame, "rotation", 0) or 0
+        return int(round(float(deg) / 90.0)) % 4, False
+    abcd = m[[0, 1, 3, 4]].astype(np.float64)
+    if not abcd.any():
+        return 0, False
+    return max(_ORIENTATIONS, key=lambda o: float(np.dot(_ORIENTATIONS[o], abcd)))
+
+
+def _to_rgb(frame, size: tuple[int, int] | None, orient: tuple[int, bool]) -> np.ndarray:
+    """Frame -> upright uint8 RGB (possibly a strided view). `size` (w, h) and `orient` are frame 0's:
+    streams may change resolution mid-way, and every frame must come out alike."""
     if size is not None and (frame.width, frame.height) != size:
         rgb = frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
     else:
         rgb = frame.to_ndarray(format="rgb24")
-    k = _rotation(frame) // 90
-    return np.ascontiguousarray(np.rot90(rgb, k)) if k else rgb
+    k, hflip = orient
+    if k:
+        rgb = np.rot90(rgb, k)
+    return rgb[:, ::-1] if hflip else rgb
 
 
 def _count_packets(path: Path) -> int:
@@ -129,19 +200,20 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         try:
             first = next(container.decode(stream), None)
         except (av.FFmpegError, OSError) as e:
-            raise VideoError(f"cannot decode {path.name}: {_reason(e)}") from None
+            raise VideoError(f"cannot decode {quoted(path.name)}: {_reason(e)}") from None
         if first is None:
-            raise VideoError(f"{path.name} has no decodable frames")
-        rotation = _rotation(first)
+            raise VideoError(f"{quoted(path.name)} has no decodable frames")
+        check_geometry(path, first.width, first.height)
+        k, hflip = _orientation(first)
         width, height = first.width, first.height
-        if rotation in (90, 270):
+        if k % 2:
             width, height = height, width
         num_frames = int(stream.frames or 0)
         if num_frames <= 0:
             try:
                 num_frames = _count_packets(path)
             except (av.FFmpegError, OSError) as e:
-                raise VideoError(f"cannot read {path.name}: {_reason(e)}") from None
+                raise VideoError(f"cannot read {quoted(path.name)}: {_reason(e)}") from None
         fps = _fps(stream)
         duration = None
         if stream.duration and stream.time_base:
@@ -154,14 +226,15 @@ def probe(path: str | os.PathLike) -> VideoInfo:
             duration = num_frames / fps
         elif num_frames > 1 and abs(num_frames / duration - fps) > 0.1 * fps:
             fps = num_frames / duration  # VFR: a nominal rate (mkv says 25) would misplace clip times
-    return VideoInfo(str(path), max(num_frames, 1), fps, duration, width, height, rotation)
+    return VideoInfo(str(path), max(num_frames, 1), fps, duration, width, height, k * 90, hflip)
 
 
 def read_frames(path: str | os.PathLike, indices, *, seek_gap: int = SEEK_GAP) -> np.ndarray:
     """Decode frames `indices` (any order, repeats allowed) as uint8 RGB (len(indices), H, W, 3), upright.
 
     Each distinct frame is decoded once; long gaps between wanted frames are skipped by seeking to the
-    keyframe before the next one (`seek_gap` frames or more ahead; tests lower it to force seeking).
+    keyframe before the next one (`seek_gap` frames or more ahead; tests lower it to force seeking). All
+    frames have frame 0's size and orientation (that of `probe`), whichever frames are asked for.
     """
     path = Path(path)
     want = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -175,6 +248,8 @@ def read_frames(path: str | os.PathLike, indices, *, seek_gap: int = SEEK_GAP) -
         frames = _decode(path, uniq, seek_gap)
     except _Inconsistent:
         frames = _decode(path, uniq, None)
+    if len(uniq) == len(want) and np.array_equal(uniq, want):
+        return frames  # sorted and distinct already: no copy (the caller may be holding a budget's worth)
     return frames[inverse.reshape(-1)]
 
 
@@ -183,6 +258,10 @@ def _decode(path: Path, uniq: np.ndarray, seek_gap: int | None) -> np.ndarray:
     with _open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # frame + slice threads; output order is unchanged
+        ctx = stream.codec_context
+        yuv = (ctx.width or 0) * (ctx.height or 0) * 3 // 2 if ctx is not None else 0
+        if yuv * (os.cpu_count() or 1) > DECODER_FRAMES_BUDGET:
+            stream.thread_count = max(1, DECODER_FRAMES_BUDGET // yuv)
         fps, tb = _fps(stream), stream.time_base
         can_seek = seek_gap is not None and fps is not None and tb is not None
         start_pts = 0  # pts of frame 0, set from the first decoded frame
@@ -190,7 +269,7 @@ def _decode(path: Path, uniq: np.ndarray, seek_gap: int | None) -> np.ndarray:
         def to_index(pts: int) -> int:
             return round((pts - start_pts) * tb * Fraction(fps))
 
-        out, size = None, None
+        out, size, orient = None, None, (0, False)
         frames = container.decode(stream)  # replaced after each seek
         pos = 0  # next position in `uniq` to fill
         sought = -1  # the target of the last seek
@@ -205,9 +284,12 @@ def _decode(path: Path, uniq: np.ndarray, seek_gap: int | None) -> np.ndarray:
             try:
                 frame = next(frames, None)
             except (av.FFmpegError, OSError) as e:
-                raise VideoError(f"cannot decode {path.name}: {_reason(e)}") from None
+                raise VideoError(f"cannot decode {quoted(path.name)}: {_reason(e)}") from None
             if frame is None:
                 break
+            if size is None:  # frame 0 (decoding always starts there): every frame gets its geometry
+                check_geometry(path, frame.width, frame.height)
+                size, orient = (frame.width, frame.height), _orientation(frame)
             if last is None:  # the first frame after a seek tells where we landed through its pts
                 if frame.pts is None or to_index(frame.pts) > target:
                     raise _Inconsistent
@@ -226,19 +308,18 @@ def _decode(path: Path, uniq: np.ndarray, seek_gap: int | None) -> np.ndarray:
             prev = frame
             if last < target:
                 continue
-            rgb = _to_rgb(frame, size)
+            rgb = _to_rgb(frame, size, orient)
             if out is None:
-                size = (frame.width, frame.height)
                 out = np.empty((len(uniq), *rgb.shape), np.uint8)
             out[pos] = rgb
             pos += 1
         if prev is None:
-            raise VideoError(f"{path.name} has no decodable frames")
+            raise VideoError(f"{quoted(path.name)} has no decodable frames")
         if pos < len(uniq):
             if last is None or uniq[-1] - last > END_SLACK:
-                raise VideoError(f"{path.name} is truncated or shorter than reported: decoded "
+                raise VideoError(f"{quoted(path.name)} is truncated or shorter than reported: decoded "
                                  f"{(last or 0) + 1} frames, frame {int(uniq[pos])} requested")
-            rgb = _to_rgb(prev, size)
+            rgb = _to_rgb(prev, size, orient)
             if out is None:
                 out = np.empty((len(uniq), *rgb.shape), np.uint8)
             out[pos:] = rgb

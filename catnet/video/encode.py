@@ -11,11 +11,12 @@ import numpy as np
 
 def write_video(path: str | Path, frames: np.ndarray, fps: float = 25.0, codec: str = "libx264",
                 pix_fmt: str = "yuv420p", options: dict[str, str] | None = None,
-                pts: list[int] | None = None, rotation: int = 0) -> Path:
+                pts: list[int] | None = None, rotation: int = 0, hflip: bool = False) -> Path:
     """Encode uint8 frames (T, H, W, 3) RGB into `path`; the container follows the file suffix.
 
     `pts` (increasing, in units of 1/fps) gives frame timestamps for a variable frame rate file;
-    `rotation` (counter-clockwise degrees) writes display-matrix metadata, as phones do.
+    `rotation` (counter-clockwise degrees) writes display-matrix metadata, as phones do; `hflip` adds a
+    left-right mirror after the rotation (as some front cameras record).
     """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -30,8 +31,8 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 25.0, codec: 
         stream.pix_fmt = pix_fmt
         if options:
             stream.options = options
-        if rotation:
-            stream.set_display_rotation(rotation)
+        if rotation or hflip:
+            stream.set_display_rotation(rotation, hflip=hflip)
         for i, frame in enumerate(frames):
             vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
             if pts is not None:

@@ -11,10 +11,11 @@ last frame (the last frame repeats). Clamping keeps indices sorted and in range;
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from catnet.config import check_fields, spec
 from catnet.errors import CatnetError
 
 
@@ -22,15 +23,15 @@ from catnet.errors import CatnetError
 class ClipSampling:
     """K clips of L frames at stride s. The paper: Kinetics 10 x 32 at stride 4; UCF101/HMDB51 stride 1."""
 
-    num_clips: int = 10
-    clip_len: int = 32
-    stride: int = 4
+    num_clips: int = field(default=10, metadata=spec(ge=1))
+    clip_len: int = field(default=32, metadata=spec(ge=1))
+    stride: int = field(default=4, metadata=spec(ge=1))
 
     def __post_init__(self):
         for name in ("num_clips", "clip_len", "stride"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise CatnetError(f"{name} must be an integer >= 1, got {value!r}")
+            if not isinstance(getattr(self, name), (int, np.integer)):
+                raise CatnetError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        check_fields(self)
 
     @property
     def span(self) -> int:

@@ -11,12 +11,13 @@ it only makes a difference when shrinking. Crops are cut in uint8 and only they 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from catnet.config import check_fields, spec
 from catnet.errors import CatnetError
 
 
@@ -24,17 +25,18 @@ from catnet.errors import CatnetError
 class SpatialConfig:
     """Test-time resize + crops and train-time scale jitter (Sec. 4.1: 224 crops, short side 256-320)."""
 
-    short_side: int = 256
-    crop: int = 224
-    num_crops: int = 3  # 3: along the long side; 1: centre; n: n evenly spaced along the long side
+    short_side: int = field(default=256, metadata=spec(ge=1))
+    crop: int = field(default=224, metadata=spec(ge=1))
+    # 3: along the long side; 1: centre; n: n evenly spaced along the long side
+    num_crops: int = field(default=3, metadata=spec(ge=1))
     train_short: tuple[int, int] = (256, 320)
 
     def __post_init__(self):
         self.train_short = tuple(self.train_short)  # YAML/JSON give lists
-        if min(self.short_side, self.crop, self.num_crops) < 1:
-            raise CatnetError(f"short_side, crop and num_crops must be >= 1, got {self}")
+        check_fields(self)
         if self.crop > self.short_side:
-            raise CatnetError(f"crop {self.crop} is larger than short_side {self.short_side}")
+            raise CatnetError(f"crop {self.crop} is larger than short_side {self.short_side} (a crop size "
+                              "larger than short side: lower --crop-size or raise --short-side)")
         lo, hi = self.train_short
         if not 1 <= lo <= hi:
             raise CatnetError(f"train_short must be (low, high), 1 <= low <= high; got {self.train_short}")
@@ -48,11 +50,18 @@ def _as_thwc(frames) -> torch.Tensor:
     return x
 
 
+def short_size(height: int, width: int, short: int) -> tuple[int, int]:
+    """(h, w) after resizing the short side to `short`, aspect ratio kept (long side rounded)."""
+    scale = short / min(height, width)
+    if height <= width:
+        return short, max(short, round(width * scale))
+    return max(short, round(height * scale)), short
+
+
 def resize_short(x: torch.Tensor, short: int) -> torch.Tensor:
     """uint8 (T, H, W, 3) -> short side `short`, aspect ratio kept (long side rounded), still uint8."""
     h, w = x.shape[1:3]
-    scale = short / min(h, w)
-    size = (short, max(short, round(w * scale))) if h <= w else (max(short, round(h * scale)), short)
+    size = short_size(h, w, short)
     if size == (h, w):
         return x
     # (T, 3, H, W) as a view of THWC is channels-last: uint8 + channels-last + antialias is PyTorch's
@@ -93,17 +102,40 @@ def test_views(frames, cfg: SpatialConfig, out: torch.Tensor | None = None) -> t
 test_views.__test__ = False  # its name would make pytest collect it wherever a test module imports it
 
 
-def train_view(frames, cfg: SpatialConfig, rng: np.random.Generator | None = None) -> torch.Tensor:
-    """One augmented view of a clip: float (3, T, crop, crop) in [0, 1]."""
-    rng = rng if rng is not None else np.random.default_rng()
+@dataclass(frozen=True)
+class TrainAugment:
+    """One clip's random augmentation: resize the short side to `short`, crop at (y, x), maybe mirror."""
+
+    short: int
+    y: int
+    x: int
+    flip: bool
+
+
+def train_params(height: int, width: int, cfg: SpatialConfig, rng: np.random.Generator) -> TrainAugment:
+    """Draw a clip's augmentation for frames of height x width (short side, then crop corner, then flip)."""
     lo, hi = cfg.train_short
-    x = resize_short(_as_thwc(frames), int(rng.integers(lo, hi + 1)))
-    h, w = x.shape[1:3]
+    short = int(rng.integers(lo, hi + 1))
+    h, w = short_size(height, width, short)
     s = cfg.crop
     if s > min(h, w):
         raise CatnetError(f"crop {s} is larger than the train short side {min(h, w)} (train_short {lo}-{hi})")
     y, xo = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
-    x = x[:, y:y + s, xo:xo + s]
-    if rng.random() < 0.5:
+    return TrainAugment(short, y, xo, bool(rng.random() < 0.5))
+
+
+def train_crop(frames, aug: TrainAugment, crop: int) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> resized and cropped (T, crop, crop, 3) uint8, not yet mirrored."""
+    x = resize_short(_as_thwc(frames), aug.short)
+    return x[:, aug.y:aug.y + crop, aug.x:aug.x + crop]
+
+
+def train_view(frames, cfg: SpatialConfig, rng: np.random.Generator | None = None) -> torch.Tensor:
+    """One augmented view of a clip: float (3, T, crop, crop) in [0, 1]."""
+    rng = rng if rng is not None else np.random.default_rng()
+    x = _as_thwc(frames)
+    aug = train_params(x.shape[1], x.shape[2], cfg, rng)
+    x = train_crop(x, aug, cfg.crop)
+    if aug.flip:
         x = x.flip(2)
     return _finish(x)

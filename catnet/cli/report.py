@@ -1,0 +1,32 @@
+"""`catnet report RUN [--baseline RUN2]`: the paper's analysis figures (Figs. 4-6) as Markdown + PNGs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from catnet.experiments.report import analyse_run, find_segments, write_report
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a run folder (catnet train --out)")
+    p.add_argument("--baseline", default=None, help="a second run to compare per class with (Fig. 4)")
+    p.add_argument("--store", default=None, help="feature store (default: the one the run trained on)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--which", default="last", choices=["best", "last"], help="checkpoint to analyse")
+    p.add_argument("--videos", type=int, default=4, help="test videos shown in Fig. 6")
+    p.add_argument("--out", default=None, help="report folder (default RUN/report)")
+
+
+def run(args: argparse.Namespace) -> int:
+    a, store = analyse_run(args.run, args.store, args.split, args.which)
+    base = None
+    if args.baseline:
+        base, _ = analyse_run(args.baseline, args.store or store.root, args.split, args.which)
+    out = Path(args.out) if args.out else Path(args.run) / "report"
+    md = write_report(out, a, base, find_segments(store), num_videos=args.videos,
+                      title=f"catnet report: {args.run}")
+    print(f"report written to {md}", file=sys.stderr)
+    print(md)
+    return 0

@@ -1,0 +1,76 @@
+"""`catnet train STORE --out RUN`: a video-level head on a feature store (catnet.engine.train).
+
+    catnet train STORE --out RUN [--config configs/kinetics400.yaml] [--head catnet] [--head-opt k=v ...]
+    torchrun --nproc_per_node=2 -m catnet train STORE --out RUN        # data parallel (gloo/NCCL)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from catnet.config import Flag, add_flags, apply_flags, from_dict, parse_key_values
+from catnet.engine.loop import starting_point
+from catnet.engine.train import TrainConfig, train
+from catnet.heads import load_head_preset
+
+# Each flag is optional and, when given, overrides the preset.
+FLAGS = {
+    "--head": Flag("head", "catnet (default), local, avgpool, attention_clusters, netvlad, lstm"),
+    "--epochs": Flag("epochs", "training epochs (paper: 90)"),
+    "--batch-size": Flag("batch_size", "videos per step over all processes (paper: 64)"),
+    "--lr": Flag("lr", "initial learning rate (paper: 0.01)"),
+    "--momentum": Flag("momentum", "SGD momentum (paper: 0.9)"),
+    "--weight-decay": Flag("weight_decay", "SGD weight decay (default 1e-4)"),
+    "--dropout": Flag("dropout", "dropout before the classifier (default: the head's, 0.5)"),
+    "--lr-step": Flag("lr_step", "multiply the lr by --lr-gamma every this many epochs (paper: 30)"),
+    "--lr-gamma": Flag("lr_gamma", "lr decay factor (paper: 0.1)"),
+    "--train-views": Flag("train_views", "random clip views per video while training (default 10)"),
+    "--train-split": Flag("train_split", "store split to train on (default train)"),
+    "--val-split": Flag("val_split", "store split to validate on (default test, else val; 'none': skip)"),
+    "--holdout-fraction": Flag("holdout_fraction", "held-out share per class for stores without splits"),
+    "--eval-batch-size": Flag("eval_batch_size", "videos per validation batch (all views)"),
+    "--seed": Flag("seed", "seed for init, data order, view subsets and dropout"),
+    "--num-workers": Flag("num_workers", "DataLoader worker processes (default 0)"),
+    "--device": Flag("device", "auto, cpu or cuda"),
+    "--amp": Flag("amp", "autocast the head: bf16 (CPU with AVX512-BF16, GPU) or fp16 (GPU); default fp32"),
+    "--init-from": Flag("init_from", "RUN folder: copy its head except the classifier (transfer)"),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", metavar="STORE", help="feature store written by `catnet extract`")
+    p.add_argument("--out", required=True, metavar="RUN", help="run folder to create (or resume)")
+    p.add_argument("--config", metavar="YAML", help="preset, e.g. configs/ucf101.yaml; flags override it")
+    p.add_argument("--head-preset", metavar="YAML", help="head preset, e.g. configs/heads/catnet_sum.yaml")
+    p.add_argument("--head-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="head option, repeatable: --head-opt num_heads=4 --head-opt aggregation=sum")
+    add_flags(p, TrainConfig, FLAGS)
+    p.add_argument("--resume", action="store_true", help="continue RUN from checkpoints/last.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON on stdout")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """--config preset (or the resumed run's own config) < --head-preset < explicit flags < --head-opt."""
+    data = starting_point(TrainConfig, "train", args.out, args.resume, args.config)
+    if args.head is not None and args.head != data.get("head"):
+        data["head_options"] = {}  # the preset's options belong to the preset's head
+    if args.head_preset:
+        name, options = load_head_preset(args.head_preset)
+        data.update(head=name, head_options=options)
+    apply_flags(args, TrainConfig, FLAGS, data)
+    if args.head_opt:
+        data["head_options"] = {**(data.get("head_options") or {}), **parse_key_values(args.head_opt,
+                                                                                       "--head-opt")}
+    data.update(store=args.store, out=args.out, resume=bool(args.resume),
+                progress=not args.no_progress and data.get("progress", True))
+    return from_dict(TrainConfig, data)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = train(config_from_args(args))
+    if args.json and os.environ.get("RANK", "0") == "0":  # one summary under torchrun
+        print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
+    return 0

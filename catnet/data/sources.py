@@ -1,0 +1,53 @@
+"""What a video source is to the jobs that read videos: a list of `VideoEntry` and the class names.
+
+`list_videos(source)` accepts a folder (one sub-folder per class; videos directly in it are unlabelled)
+or any annotation file `catnet.data.annotations` reads. Ids are unique and stable: relative paths
+without suffix for folders, the annotation's ids otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from catnet.data.annotations import VIDEO_SUFFIXES, load_annotations, read_folder
+from catnet.errors import CatnetError
+
+__all__ = ["VIDEO_SUFFIXES", "VideoEntry", "list_videos"]
+
+
+@dataclass
+class VideoEntry:
+    id: str
+    path: str  # absolute
+    label: int = -1  # index into the classes, -1 when unknown
+    split: str = ""
+
+
+def list_videos(source: str | os.PathLike) -> tuple[list[VideoEntry], list[str]]:
+    """Videos and class names of a folder (one sub-folder per class) or an annotation file.
+
+    Videos an annotation file lists but that are missing on disk are kept: they fail as "not found"
+    where they are read, and are recorded there.
+    """
+    source = Path(source)
+    if source.is_file():
+        ann = load_annotations(source)
+        items = [*ann.items, *ann.missing]
+    elif source.is_dir():
+        ann = read_folder(source, unlabelled=True)
+        items = ann.items
+    else:
+        raise CatnetError(f"source not found: {source}")
+    label_of = {c: i for i, c in enumerate(ann.classes)}
+    entries, seen = [], set()
+    for it in items:
+        if it.id in seen:
+            raise CatnetError(f"annotation file {source} lists video id {it.id!r} twice")
+        seen.add(it.id)
+        label = -1 if it.label is None else label_of.get(it.label, -1)
+        entries.append(VideoEntry(str(it.id), os.path.abspath(it.path), label, it.split or ""))
+    if not entries:
+        raise CatnetError(f"{source} lists no videos")
+    return entries, list(ann.classes)

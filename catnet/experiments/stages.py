@@ -1,0 +1,109 @@
+"""Cached stages shared by `catnet demo` and `catnet reproduce`: each is done once and reused after.
+
+- `cached_store`: extract features into a store whose folder name pins the settings that define the
+  features (resumed if interrupted);
+- `derived_store`: a store made from another (relabelled, selected or transformed rows), marked complete
+  only once written, rebuilt from scratch if it was interrupted;
+- `train_cached`: train a run in-process; a finished run is reused, an interrupted one resumed, one
+  trained with other settings retrained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from catnet.config import to_dict
+from catnet.engine.loop import settings_diff
+from catnet.engine.runs import CHECKPOINTS, RUN_JSON, read_history, read_run_info
+from catnet.engine.train import TrainConfig, train
+from catnet.features.extract import ExtractConfig, ExtractResult, extract
+from catnet.features.store import FeatureStore, StoreWriter
+from catnet.utils.io import atomic_write_json
+
+COMPLETE = "complete.json"
+
+
+def store_key(cfg: ExtractConfig, **extra: Any) -> str:
+    """8 hex digits naming the settings that define the features (not speed knobs like workers)."""
+    key = {"backbone": cfg.backbone, "pretrained": cfg.pretrained, "checkpoint": cfg.checkpoint,
+           "sampling": to_dict(cfg.sampling), "spatial": to_dict(cfg.spatial), "seed": cfg.seed, **extra}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def cached_store(videos: str | Path, folder: Path, cfg: ExtractConfig, prefix: str = "store",
+                 progress: bool = False, **key: Any) -> tuple[Path, ExtractResult]:
+    """Extract (or resume extracting) `videos` into folder/<prefix>-<store_key(cfg, **key)>."""
+    store = folder / f"{prefix}-{store_key(cfg, **key)}"
+    return store, extract(videos, store, cfg, progress=progress)
+
+
+@dataclass
+class Row:
+    """One video of a derived store."""
+
+    id: str
+    features: np.ndarray
+    times: np.ndarray
+    label: int
+    split: str
+    path: str
+    num_crops: int
+
+
+def derived_store(dst: Path, manifest: dict[str, Any], rows: Callable[[], Iterable[Row]],
+                  info: dict[str, Any] | None = None, marker: str = COMPLETE) -> tuple[Path, dict[str, Any]]:
+    """The store `dst` written from `rows()`, once: returns (dst, the info saved with it).
+
+    A complete store (its `marker` file exists) is reused; an interrupted one is rebuilt (no decoding,
+    it takes seconds).
+    """
+    marker = dst / marker
+    if marker.is_file():
+        return dst, json.loads(marker.read_text())
+    if dst.exists():
+        shutil.rmtree(dst)
+    with StoreWriter(dst, manifest, shard_size=64, flush_seconds=None, journal=False) as w:
+        for r in rows():
+            w.add(r.id, r.features, r.times, label=r.label, split=r.split, path=r.path, num_crops=r.num_crops)
+    info = dict(info or {})
+    atomic_write_json(marker, info)
+    return dst, info
+
+
+def rows_of(store: FeatureStore) -> Iterable[Row]:
+    """Every video of a store as a Row (features float32)."""
+    for v in store:
+        yield Row(v.id, v.features, v.times, v.label, v.split, v.path, v.num_crops)
+
+
+def run_finished(run_dir: Path, epochs: int) -> bool:
+    hist = read_history(run_dir)
+    return (run_dir / CHECKPOINTS / "last.pt").is_file() and bool(hist) and hist[-1]["epoch"] >= epochs
+
+
+def train_cached(cfg: TrainConfig, log: str = "train.log") -> bool:
+    """Train `cfg` into cfg.out unless it is already there; the trainer's lines go to RUN/`log`.
+
+    Returns True when it trained (or resumed). A run recorded with other settings is deleted first.
+    """
+    run_dir = Path(cfg.out)
+    if (run_dir / RUN_JSON).is_file():
+        old = read_run_info(run_dir).get("train") or {}
+        if settings_diff(cfg, old) or old.get("store") != cfg.store:
+            shutil.rmtree(run_dir)
+    if run_finished(run_dir, cfg.epochs):
+        return False
+    cfg.resume = (run_dir / CHECKPOINTS / "last.pt").is_file()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / log, "a") as f, contextlib.redirect_stderr(f), contextlib.redirect_stdout(f):
+        train(cfg)
+    return True
