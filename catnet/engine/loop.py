@@ -181,6 +181,119 @@ def _epoch_line(row: dict[str, Any], epochs: int, improved: bool) -> str:
             f"{'  *best' if improved else ''}")
 
 
+class _Run:
+    """The state of one training run while the loop runs: model, optimiser, scheduler, loss scaler, data
+    order, history, and the writers; one method per phase of an epoch."""
+
+    def __init__(self, job: Job, cfg: Recipe, info: dist.DistInfo, plan: SplitPlan):
+        if cfg.batch_size % info.world_size:
+            raise CatnetError(f"batch size {cfg.batch_size} is not divisible by {info.world_size} processes")
+        self.job, self.cfg, self.info, self.plan = job, cfg, info, plan
+        self.main, self.out = info.rank == 0, Path(cfg.out)
+        self.last_path = self.out / CHECKPOINTS / "last.pt"
+        self.model = job.model.to(info.device)
+        self.device_type = torch.device(info.device).type
+        # The fused kernel updates all parameters in one pass: several times faster steps than the
+        # per-tensor loop (docs/benchmarks.md).
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay,
+                                         fused=self.device_type in ("cpu", "cuda"))
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.lr_step,
+                                                         gamma=cfg.lr_gamma)
+        self.amp = amp_dtype(cfg.amp)
+        self.scaler = grad_scaler(self.device_type, self.amp)
+        self.data_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: one shared order
+        self.state = _State()
+        self.writer = None
+
+    def start(self, prev: dict[str, Any] | None, run_info: dict[str, Any], key: str) -> None:
+        """Resume from last.pt (and record the new config), or write run.json for a new run."""
+        cfg, info = self.cfg, self.info
+        if prev is not None:
+            self.state = _resume(self.last_path, self.model, self.optimizer, self.scheduler, self.scaler,
+                                 self.data_gen, info)
+            record = {**prev, key: to_dict(cfg)}
+        else:
+            record = {**run_info, key: to_dict(cfg), "world_size": info.world_size}
+        self.net = wrap_ddp(self.model, info.device, info.local_rank, info.world_size)
+        self.sampler = dist.TrainSampler(self.plan.train, self.data_gen, info.rank, info.world_size)
+        if self.main:
+            if prev is not None:
+                print(f"resuming {self.out} after epoch {self.state.start}", file=sys.stderr)
+            atomic_write_json(self.out / RUN_JSON, record)
+            self.writer = open_writer(self.out, self.state.start)
+            print(f"{self.job.what} on {len(self.plan.train)} videos, validating on {len(self.plan.val)} "
+                  f"({self.plan.val_name}); {info.world_size} process(es) on {info.device}", file=sys.stderr)
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One pass over this rank's share of the training set; the epoch's (all-reduced) statistics."""
+        cfg, device = self.cfg, self.info.device
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.net.train()
+        stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, items
+        batches = self.job.batches(epoch, self.sampler.epoch_order(), cfg.batch_size // self.info.world_size)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
+                   disable=not (self.main and cfg.progress), dynamic_ncols=True)
+        for step, batch in enumerate(bar):
+            with autocast(self.device_type, self.amp):
+                loss, loss_sum, correct, n = self.job.loss(self.net, batch, device)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            # accumulated on the device: no host sync per step
+            stats += torch.stack([loss_sum.detach().double(), correct.double(), n.double()])
+            if step % 10 == 0 and not bar.disable:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+        self.scheduler.step()
+        stats = dist.all_reduce_sum(stats).cpu()
+        count = max(float(stats[2]), 1.0)
+        return {"epoch": epoch + 1, "lr": lr, "train_loss": float(stats[0]) / count,
+                "train_top1": float(stats[1]) / count}
+
+    def end_epoch(self, epoch: int, row: dict[str, Any], t0: float) -> None:
+        """Validate, keep the best, checkpoint, log: everything after the epoch's last step."""
+        val = self.job.validate(epoch, last=epoch + 1 == self.cfg.epochs) if self.plan.val else None
+        if val is not None:
+            row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"],
+                       val_mean_class_acc=val["mean_class_acc"], val_n=val["n"],
+                       **{f"val_{k}": v for k, v in val.items() if k == "failed"})
+        row["time_s"] = round(time.time() - t0, 3)
+        st = self.state
+        st.history.append(row)
+        # no validation: the latest weights are the result
+        improved = row["val_top1"] > st.best_top1 if "val_top1" in row else not self.plan.val
+        if improved:
+            st.best_top1, st.best_epoch = row.get("val_top1", row["train_top1"]), epoch + 1
+        rngs = dist.all_gather_object(rng_state())
+        if self.main:
+            weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+            if improved:
+                save_checkpoint(self.out / CHECKPOINTS / "best.pt", {"model": weights, "epoch": epoch + 1,
+                                                                     "metrics": row})
+                self.job.on_best(self.out)
+            save_checkpoint(self.last_path, {
+                "model": weights, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rngs,
+                "data_generator": self.data_gen.get_state(), "epoch": epoch + 1, "best_top1": st.best_top1,
+                "best_epoch": st.best_epoch, "history": st.history})
+            write_metrics(self.out / "metrics.csv", uniform_rows(st.history))
+            log_scalars(self.writer, row, epoch + 1)
+            print(_epoch_line(row, self.cfg.epochs, improved), file=sys.stderr)
+        dist.barrier()
+
+    def finish(self) -> dict[str, Any]:
+        st = self.state
+        if self.writer is not None:
+            self.writer.close()
+            best = fmt_metric(st.best_top1 if self.plan.val else None)
+            print(f"done: best val top-1 {best} at epoch {st.best_epoch}; run saved in {self.out}",
+                  file=sys.stderr)
+        return {"run_dir": str(self.out), "epochs": self.cfg.epochs, "best_epoch": st.best_epoch,
+                "best_top1": st.best_top1, "final": st.history[-1] if st.history else None,
+                "history": st.history, "world_size": self.info.world_size}
+
+
 def fit(job: Job, cfg: Recipe, info: dist.DistInfo, plan: SplitPlan, run_info: dict[str, Any],
         prev: dict[str, Any] | None, key: str) -> dict[str, Any]:
     """Train `job.model` for `cfg.epochs` on `plan.train`; returns the summary (history, best epoch, ...).
@@ -188,93 +301,9 @@ def fit(job: Job, cfg: Recipe, info: dist.DistInfo, plan: SplitPlan, run_info: d
     `run_info` is written as RUN/run.json for a new run (with `cfg` under `key`); for a resume (`prev`
     from check_run_folder) the recorded config is updated instead (an extended --epochs).
     """
-    main = info.rank == 0
-    out = Path(cfg.out)
-    last_path = out / CHECKPOINTS / "last.pt"
-    if cfg.batch_size % info.world_size:
-        raise CatnetError(f"batch size {cfg.batch_size} is not divisible by {info.world_size} processes")
-    model = job.model.to(info.device)
-    device_type = torch.device(info.device).type
-    # The fused kernel updates all parameters in one pass: several times faster steps than the per-tensor
-    # loop (docs/benchmarks.md).
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, fused=device_type in ("cpu", "cuda"))
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-    amp = amp_dtype(cfg.amp)
-    scaler = grad_scaler(device_type, amp)
-    data_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: one shared order
-    if prev is not None:
-        state = _resume(last_path, model, optimizer, scheduler, scaler, data_gen, info)
-        if main:
-            print(f"resuming {out} after epoch {state.start}", file=sys.stderr)
-            atomic_write_json(out / RUN_JSON, {**prev, key: to_dict(cfg)})
-    else:
-        state = _State()
-        if main:
-            atomic_write_json(out / RUN_JSON, {**run_info, key: to_dict(cfg), "world_size": info.world_size})
-
-    net = wrap_ddp(model, info.device, info.local_rank, info.world_size)
-    sampler = dist.TrainSampler(plan.train, data_gen, info.rank, info.world_size)
-    writer = open_writer(out, state.start) if main else None
-    if main:
-        print(f"{job.what} on {len(plan.train)} videos, validating on {len(plan.val)} ({plan.val_name}); "
-              f"{info.world_size} process(es) on {info.device}", file=sys.stderr)
-    for epoch in range(state.start, cfg.epochs):
+    run = _Run(job, cfg, info, plan)
+    run.start(prev, run_info, key)
+    for epoch in range(run.state.start, cfg.epochs):
         t0 = time.time()
-        lr = optimizer.param_groups[0]["lr"]
-        net.train()
-        stats = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss sum, correct, items
-        bar = tqdm(job.batches(epoch, sampler.epoch_order(), cfg.batch_size // info.world_size),
-                   desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
-                   disable=not (main and cfg.progress), dynamic_ncols=True)
-        for step, batch in enumerate(bar):
-            with autocast(device_type, amp):
-                loss, loss_sum, correct, n = job.loss(net, batch, info.device)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            # accumulated on the device: no host sync per step
-            stats += torch.stack([loss_sum.detach().double(), correct.double(), n.double()])
-            if step % 10 == 0 and not bar.disable:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-        scheduler.step()
-        stats = dist.all_reduce_sum(stats).cpu()
-        count = max(float(stats[2]), 1.0)
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": float(stats[0]) / count,
-                               "train_top1": float(stats[1]) / count}
-        val = job.validate(epoch, last=epoch + 1 == cfg.epochs) if plan.val else None
-        if val is not None:
-            row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"],
-                       val_mean_class_acc=val["mean_class_acc"], val_n=val["n"],
-                       **{f"val_{k}": v for k, v in val.items() if k == "failed"})
-        row["time_s"] = round(time.time() - t0, 3)
-        state.history.append(row)
-        # no validation: the latest weights are the result
-        improved = row["val_top1"] > state.best_top1 if "val_top1" in row else not plan.val
-        if improved:
-            state.best_top1, state.best_epoch = row.get("val_top1", row["train_top1"]), epoch + 1
-        rngs = dist.all_gather_object(rng_state())
-        if main:
-            weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            if improved:
-                save_checkpoint(out / CHECKPOINTS / "best.pt", {"model": weights, "epoch": epoch + 1,
-                                                                "metrics": row})
-                job.on_best(out)
-            save_checkpoint(last_path, {
-                "model": weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rngs, "data_generator": data_gen.get_state(),
-                "epoch": epoch + 1, "best_top1": state.best_top1, "best_epoch": state.best_epoch,
-                "history": state.history})
-            write_metrics(out / "metrics.csv", uniform_rows(state.history))
-            log_scalars(writer, row, epoch + 1)
-            print(_epoch_line(row, cfg.epochs, improved), file=sys.stderr)
-        dist.barrier()
-    best = state.best_top1 if plan.val else None
-    if writer is not None:
-        writer.close()
-        print(f"done: best val top-1 {fmt_metric(best)} at epoch {state.best_epoch}; run saved in {out}",
-              file=sys.stderr)
-    return {"run_dir": str(out), "epochs": cfg.epochs, "best_epoch": state.best_epoch,
-            "best_top1": state.best_top1, "final": state.history[-1] if state.history else None,
-            "history": state.history, "world_size": info.world_size}
+        run.end_epoch(epoch, run.train_epoch(epoch), t0)
+    return run.finish()

@@ -358,7 +358,7 @@ class FeatureStore:
         """One video's (V, D) features in the stored dtype (float16), without the float32 copy.
 
         Always the whole video in one pread, even when training keeps only a few views: on a cold
-        disk, one read of 120 KB beat several reads of 4-20 KB by 1.3x (docs/benchmarks.md).
+        disk, one read of 120 KB beat several reads of 4-20 KB (docs/benchmarks.md).
         """
         shard, row, rec = self._build_index()[self._position(key)]
         if not shard:

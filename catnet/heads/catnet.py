@@ -122,7 +122,7 @@ class FCNorm(nn.Module):
 
         The FC is linear, so FC(sum_j alpha_ij x_j) = sum_j alpha_ij (W x_j) + b for any alpha (Eqs. 3-4).
         The FC then runs on the K clips instead of the N heads: K*D*D instead of N*D*D multiply-adds, the
-        bulk of the head's arithmetic (3.2x less at the paper's N = 32 with 10 training views).
+        bulk of the head's arithmetic (docs/benchmarks.md section 4).
         """
         y = alpha @ nn.functional.linear(x, self.fc.weight) + self.fc.bias
         return y, l2_normalize_heads(y)

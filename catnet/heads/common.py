@@ -100,9 +100,9 @@ class VideoHead(nn.Module):
 class Dropout(nn.Dropout):
     """nn.Dropout, with a faster mask on CPU.
 
-    PyTorch's CPU dropout draws its mask with bernoulli_, ~4x slower than uniform draws compared with p;
-    on the 65k-wide concatenation (Eq. 8) that was ~15 % of a CPU training step. Same distribution and
-    scaling; other devices keep the fused kernel.
+    PyTorch's CPU dropout draws its mask with bernoulli_, several times slower than uniform draws compared
+    with p: a visible share of a CPU step on the 65k-wide concatenation (Eq. 8; docs/benchmarks.md). Same
+    distribution and scaling; other devices keep the fused kernel.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -65,7 +65,7 @@ def resize_short(x: torch.Tensor, short: int) -> torch.Tensor:
     if size == (h, w):
         return x
     # (T, 3, H, W) as a view of THWC is channels-last: uint8 + channels-last + antialias is PyTorch's
-    # vectorised path, ~15x faster on CPU than float; it rounds to whole grey levels.
+    # vectorised path, far faster on CPU than float (docs/benchmarks.md); it rounds to whole grey levels.
     y = F.interpolate(x.permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False, antialias=True)
     return y.permute(0, 2, 3, 1)
 
