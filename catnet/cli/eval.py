@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 from catnet.engine.evaluate import evaluate_splits
 from catnet.errors import CatnetError
 from catnet.utils import distributed as dist
+from catnet.utils.io import to_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if info.rank != 0:
         return 0
     if args.json:
-        print(json.dumps(out if len(out["splits"]) > 1 else out["splits"][0]))
+        print(to_json(out if len(out["splits"]) > 1 else out["splits"][0]))
         return 0
     print(f"{'run':<32} {'split':<8} {'videos':>6} {'top-1':>7} {'top-5':>7} {'mean-cls':>8}")
     for r in out["splits"]:

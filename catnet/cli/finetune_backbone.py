@@ -7,12 +7,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from catnet.config import Flag, add_flags, apply_flags, from_dict, parse_key_values
 from catnet.engine.finetune import FinetuneConfig, finetune
 from catnet.engine.loop import starting_point
+from catnet.utils.io import to_json
 
 FLAGS = {
     "--backbone": Flag("backbone", "i3d_r50 (default) or i3d_inception"),
@@ -75,5 +75,5 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 def run(args: argparse.Namespace) -> int:
     result = finetune(config_from_args(args))
     if args.json and os.environ.get("RANK", "0") == "0":
-        print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
+        print(to_json({k: v for k, v in result.items() if k != "history"}, indent=2))
     return 0

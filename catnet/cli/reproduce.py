@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
@@ -11,6 +10,7 @@ from catnet.config import Flag, add_flags, apply_flags, from_dict
 from catnet.errors import CatnetError
 from catnet.experiments.reproduce import PROTOCOLS, ReproduceConfig, print_summary, reproduce
 from catnet.experiments.variants import TABLE1
+from catnet.utils.io import to_json
 
 FLAGS = {
     "--backbone": Flag("extract.backbone", "i3d_r50 (default, the paper's) or i3d_inception"),
@@ -64,7 +64,7 @@ def config_from_args(args: argparse.Namespace) -> ReproduceConfig:
 def run(args: argparse.Namespace) -> int:
     results = reproduce(config_from_args(args))
     if args.json:
-        print(json.dumps(results["summary"], sort_keys=True))
+        print(to_json(results["summary"], sort_keys=True))
     else:
         print_summary(results)
     left_out = sum(s["left_out"] for s in results["splits"].values())

@@ -7,13 +7,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from catnet.config import Flag, add_flags, apply_flags, from_dict, parse_key_values
 from catnet.engine.loop import starting_point
 from catnet.engine.train import TrainConfig, train
 from catnet.heads import load_head_preset
+from catnet.utils.io import to_json
 
 # Each flag is optional and, when given, overrides the preset.
 FLAGS = {
@@ -72,5 +72,5 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     result = train(config_from_args(args))
     if args.json and os.environ.get("RANK", "0") == "0":  # one summary under torchrun
-        print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
+        print(to_json({k: v for k, v in result.items() if k != "history"}, indent=2))
     return 0

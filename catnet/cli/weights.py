@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from catnet.backbones.i3d_inception_weights import (
     INDEX_ENV,
@@ -12,6 +11,7 @@ from catnet.backbones.i3d_inception_weights import (
     read_sidecar,
     verify_weights,
 )
+from catnet.utils.io import to_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,12 +37,12 @@ def run(args: argparse.Namespace) -> int:
                              timeout=args.timeout)
         info = read_sidecar() or {}
         if args.json:
-            print(json.dumps({"path": str(path), "sha256": info.get("sha256"),
+            print(to_json({"path": str(path), "sha256": info.get("sha256"),
                               "source_sha256": info.get("source_sha256")}))
         return 0
     info = verify_weights()
     if args.json:
-        print(json.dumps(info))
+        print(to_json(info))
     else:
         print(f"ok: {converted_weights_path()} (sha256 {info['sha256'][:12]}, {info['num_classes']} classes)")
     return 0

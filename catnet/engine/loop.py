@@ -64,7 +64,7 @@ class Recipe:
     train_split: str = "train"
     val_split: str | None = None  # None: "test", else "val"; "none": no validation (best = last)
     holdout_fraction: float = field(default=0.1, metadata=spec(gt=0, lt=1))  # stores without split labels
-    seed: int = 0
+    seed: int = field(default=0, metadata=spec(ge=0, lt=2**63))
     device: str = "auto"
     # Autocast: "bf16" (CPU with AVX512-BF16, or GPU) or "fp16" (GPU; loss scaling). None = fp32.
     amp: str | None = None
@@ -246,7 +246,11 @@ class _Run:
             if step % 10 == 0 and not bar.disable:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
         self.scheduler.step()
-        stats = dist.all_reduce_sum(stats).cpu()
+        stats = dist.all_reduce_sum(stats).cpu()  # the same on every rank: all stop together below
+        if not math.isfinite(float(stats[0])):
+            raise CatnetError(f"the training loss became non-finite (NaN/Inf) in epoch {epoch + 1}: the "
+                              f"weights diverged (lr {cfg.lr:g} too large?); nothing of this epoch was "
+                              "saved")
         count = max(float(stats[2]), 1.0)
         return {"epoch": epoch + 1, "lr": lr, "train_loss": float(stats[0]) / count,
                 "train_top1": float(stats[1]) / count}

@@ -7,6 +7,7 @@ manifests) goes through these helpers: write to a temporary file in the same dir
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -61,8 +62,25 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def finite_json(obj):
+    """`obj` with every NaN / +-Inf float replaced by None: JSON has no such numbers, and a reader's
+    parser (not Python's) refuses the `NaN` that json.dumps would write."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def to_json(obj, **kwargs) -> str:
+    """json.dumps that always writes valid JSON (non-finite floats become null)."""
+    return json.dumps(finite_json(obj), allow_nan=False, **kwargs)
+
+
 def atomic_write_json(path: str | os.PathLike, obj) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    return atomic_write_text(path, to_json(obj, indent=2, sort_keys=True) + "\n")
 
 
 def remove_stale_temps(directory: str | os.PathLike) -> int:
