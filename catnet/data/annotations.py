@@ -270,7 +270,8 @@ def read_folder(root: str | os.PathLike, unlabelled: bool = False) -> Annotation
 
 def _read_csv_rows(path: Path) -> list[list[str]]:
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        # utf-8-sig: spreadsheet programs start CSV files with a byte-order mark
+        with open(path, newline="", encoding="utf-8-sig") as f:
             return [[c.strip() for c in row] for row in csv.reader(f) if row and any(c.strip() for c in row)]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise CatnetError(f"cannot read {path}: {e}") from None

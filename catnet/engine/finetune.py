@@ -34,7 +34,7 @@ from catnet.backbones.common import save_safetensors
 from catnet.backbones.i3d_resnet import save_weights
 from catnet.config import spec, to_dict
 from catnet.data.sources import VideoEntry, list_videos
-from catnet.engine.loop import Job, Recipe, check_run_folder, fit
+from catnet.engine.loop import Job, Recipe, check_run_folder, fit, run_folder
 from catnet.engine.metrics import MetricAccumulator
 from catnet.engine.runs import seed_everything
 from catnet.engine.splits import SplitPlan, plan_splits
@@ -285,22 +285,27 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         if not classes:
             raise CatnetError(f"{cfg.source} has no class names; fine-tuning needs labelled videos")
         plan = select_splits(entries, cfg)
-        prev = check_run_folder(cfg, "finetune", {"classes": classes})
-        seed_everything(cfg.seed + info.rank)
-        if info.device.startswith("cuda"):
-            torch.backends.cudnn.benchmark = True  # fixed clip shapes: let cuDNN pick the fastest 3-D convs
-        model = build_model(cfg, classes)
-        run_info = {
-            "catnet_version": __version__, "kind": "backbone", "backbone": cfg.backbone,
-            "init": {"weights_id": model.weights_id, "source": getattr(model, "weights_source", None)},
-            "classes": classes, "num_classes": len(classes),
-            "sampling": {"train": to_dict(cfg.train_sampling()), "test": to_dict(cfg.sampling)},
-            "spatial": {"train": to_dict(cfg.train_spatial()), "test": to_dict(cfg.spatial)},
-            "splits": {"train": plan.train_name, "val": plan.val_name, "num_train": len(plan.train),
-                       "num_val": len(plan.val)}}
-        job = BackboneJob(cfg, entries, model, plan, info)
-        result = fit(job, cfg, info, plan, run_info, prev, "finetune")
+        with run_folder(cfg, info):
+            prev = check_run_folder(cfg, "finetune", {"classes": classes})
+            result = _finetune(cfg, info, entries, classes, plan, prev)
     if info.rank == 0:
         print(f"extract features with --checkpoint {Path(cfg.out) / BACKBONE_FILE}", file=sys.stderr)
     return {**result, "backbone_checkpoint": str(Path(cfg.out) / BACKBONE_FILE),
             "best_top1": result["best_top1"] if plan.val else None}
+
+
+def _finetune(cfg: FinetuneConfig, info: dist.DistInfo, entries: list[VideoEntry], classes: list[str],
+              plan: SplitPlan, prev: dict[str, Any] | None) -> dict[str, Any]:
+    seed_everything(cfg.seed + info.rank)
+    if info.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # fixed clip shapes: let cuDNN pick the fastest 3-D convs
+    model = build_model(cfg, classes)
+    run_info = {
+        "catnet_version": __version__, "kind": "backbone", "backbone": cfg.backbone,
+        "init": {"weights_id": model.weights_id, "source": getattr(model, "weights_source", None)},
+        "classes": classes, "num_classes": len(classes),
+        "sampling": {"train": to_dict(cfg.train_sampling()), "test": to_dict(cfg.sampling)},
+        "spatial": {"train": to_dict(cfg.train_spatial()), "test": to_dict(cfg.spatial)},
+        "splits": {"train": plan.train_name, "val": plan.val_name, "num_train": len(plan.train),
+                   "num_val": len(plan.val)}}
+    return fit(BackboneJob(cfg, entries, model, plan, info), cfg, info, plan, run_info, prev, "finetune")

@@ -13,10 +13,11 @@ one batch, how to validate, and what to save next to a new best checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -45,7 +46,7 @@ from catnet.engine.splits import SplitPlan
 from catnet.errors import CatnetError
 from catnet.utils import distributed as dist
 from catnet.utils.amp import amp_dtype, autocast, grad_scaler
-from catnet.utils.io import atomic_write_json
+from catnet.utils.io import atomic_write_json, exclusive_lock, remove_stale_temps
 
 
 @dataclass
@@ -123,10 +124,32 @@ def settings_diff(cfg: Recipe, recorded: dict[str, Any]) -> list[str]:
     return [k for k, v in to_dict(cfg).items() if k not in cfg.RESUME_MUTABLE and old.get(k) != v]
 
 
+def _lookup(record: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        record = record.get(part) if isinstance(record, dict) else None
+    return record
+
+
+@contextlib.contextmanager
+def run_folder(cfg: Recipe, info: dist.DistInfo) -> Iterator[None]:
+    """Own RUN for the block: one writer at a time (a second `catnet train` into the same --out is
+    refused, not silently merged), and no temporaries of a killed writer left behind. Rank 0 writes a
+    run's files, so rank 0 holds the lock."""
+    if info.rank != 0:
+        yield
+        return
+    out = Path(cfg.out)
+    with exclusive_lock(out / ".lock", f"another catnet run is writing {out}; wait for it to finish or "
+                                         "choose another --out"):
+        if (out / CHECKPOINTS).is_dir():
+            remove_stale_temps(out / CHECKPOINTS)  # a checkpoint write cut short by a kill
+        yield
+
+
 def check_run_folder(cfg: Recipe, key: str, compat: dict[str, Any]) -> dict[str, Any] | None:
     """Refuse, before any work: a resume without a checkpoint, with other settings or other data
-    (`compat`: run.json entries that must be equal), or a new run into a folder that holds one.
-    Returns the run.json of the run to resume (None for a new run)."""
+    (`compat`: run.json entries, dotted for nested ones, that must be equal), or a new run into a folder
+    that holds one. Returns the run.json of the run to resume (None for a new run)."""
     out = Path(cfg.out)
     last = out / CHECKPOINTS / "last.pt"
     if not cfg.resume:
@@ -141,7 +164,7 @@ def check_run_folder(cfg: Recipe, key: str, compat: dict[str, Any]) -> dict[str,
     diff = settings_diff(cfg, prev.get(key) or {})
     if diff:
         raise CatnetError(f"--resume with settings that differ from the run's: {', '.join(diff)}")
-    bad = [k for k, v in compat.items() if prev.get(k) != v]
+    bad = [k for k, v in compat.items() if _lookup(prev, k) != v]
     if bad:
         raise CatnetError(f"the data does not match the resumed run ({', '.join(bad)} differ)")
     return prev
@@ -212,6 +235,9 @@ class _Run:
         if prev is not None:
             self.state = _resume(self.last_path, self.model, self.optimizer, self.scheduler, self.scaler,
                                  self.data_gen, info)
+            if cfg.epochs < self.state.start:
+                raise CatnetError(f"--epochs {cfg.epochs}, but {self.out} has already trained "
+                                  f"{self.state.start} epochs; pass --epochs {self.state.start} or more")
             record = {**prev, key: to_dict(cfg)}
         else:
             record = {**run_info, key: to_dict(cfg), "world_size": info.world_size}

@@ -30,7 +30,7 @@ from torch import nn
 
 from catnet.config import spec
 from catnet.engine.evaluate import evaluate_indices
-from catnet.engine.loop import Job, Recipe, check_run_folder, fit
+from catnet.engine.loop import Job, Recipe, check_run_folder, fit, run_folder
 from catnet.engine.runs import seed_everything, transfer_head
 from catnet.engine.splits import SplitPlan, store_splits
 from catnet.errors import CatnetError
@@ -82,6 +82,10 @@ def build_train_head(cfg: TrainConfig, in_dim: int, num_classes: int) -> tuple[n
     return build_head(cfg.head or "catnet", in_dim, num_classes, **options), None
 
 
+# Manifest entries that say how a store's features were made; a resumed run must not change them.
+FEATURE_KEYS = ("backbone", "weights_id", "num_features", "sampling", "spatial")
+
+
 class HeadJob(Job):
     """A head on store features: random views per video for training, all views for validation."""
 
@@ -124,19 +128,29 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         in_dim = store_feature_dim(store)
         plan = store_splits(store, cfg)
         labels = mapped_labels(store, classes, plan.train + plan.val)
+        if len(set(labels[plan.train].tolist())) < 2:
+            raise CatnetError(f"the training videos of {store.root} cover {len(set(labels[plan.train]))} "
+                              "class(es); a classifier needs at least 2")
         raise_nonfinite(store.nonfinite_ids(plan.train + plan.val), store)  # not first met mid-epoch
-        prev = check_run_folder(cfg, "train", {"in_dim": in_dim, "classes": classes})
+        with run_folder(cfg, info):
+            # a resumed run must continue on features made the same way (same weights, same sampling)
+            made = {f"store.manifest.{k}": store.manifest.get(k) for k in FEATURE_KEYS}
+            prev = check_run_folder(cfg, "train", {"in_dim": in_dim, "classes": classes, **made})
+            return _train(cfg, info, store, classes, in_dim, plan, labels, prev)
 
-        seed_everything(cfg.seed + info.rank)
-        head, init_from = build_train_head(cfg, in_dim, len(classes))
-        if head.config.in_dim != in_dim:
-            raise CatnetError(f"head expects {head.config.in_dim}-d features, store has {in_dim}-d")
-        run_info = {"catnet_version": __version__,
-                    "head": {"name": head.config.name, "options": dict(cfg.head_options),
-                             "config": dataclasses.asdict(head.config)},
-                    "in_dim": in_dim, "num_classes": len(classes), "classes": classes,
-                    "store": {"path": str(Path(store.root).resolve()), "manifest": store.manifest},
-                    "splits": {"train": plan.train_name, "val": plan.val_name, "num_train": len(plan.train),
-                               "num_val": len(plan.val)},
-                    "init_from": init_from}
-        return fit(HeadJob(cfg, store, labels, head, plan, info), cfg, info, plan, run_info, prev, "train")
+
+def _train(cfg: TrainConfig, info: dist.DistInfo, store: FeatureStore, classes: list[str], in_dim: int,
+           plan: SplitPlan, labels: np.ndarray, prev: dict[str, Any] | None) -> dict[str, Any]:
+    seed_everything(cfg.seed + info.rank)
+    head, init_from = build_train_head(cfg, in_dim, len(classes))
+    if head.config.in_dim != in_dim:
+        raise CatnetError(f"head expects {head.config.in_dim}-d features, store has {in_dim}-d")
+    run_info = {"catnet_version": __version__,
+                "head": {"name": head.config.name, "options": dict(cfg.head_options),
+                         "config": dataclasses.asdict(head.config)},
+                "in_dim": in_dim, "num_classes": len(classes), "classes": classes,
+                "store": {"path": str(Path(store.root).resolve()), "manifest": store.manifest},
+                "splits": {"train": plan.train_name, "val": plan.val_name, "num_train": len(plan.train),
+                           "num_val": len(plan.val)},
+                "init_from": init_from}
+    return fit(HeadJob(cfg, store, labels, head, plan, info), cfg, info, plan, run_info, prev, "train")

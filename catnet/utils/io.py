@@ -6,12 +6,16 @@ manifests) goes through these helpers: write to a temporary file in the same dir
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from catnet.errors import CatnetError
 
 
 def _fsync_dir(path: Path) -> None:
@@ -90,3 +94,21 @@ def remove_stale_temps(directory: str | os.PathLike) -> int:
         p.unlink(missing_ok=True)
         n += 1
     return n
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, busy: str) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created if needed) for the block; CatnetError(busy) when another
+    process holds it. The kernel drops the lock when the holder exits, kill -9 included."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "w")  # noqa: SIM115 - held for the whole block
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise CatnetError(busy) from None
+    try:
+        yield
+    finally:
+        f.close()
