@@ -60,3 +60,37 @@ def test_json_output_never_holds_nan(store, tmp_path, capfd):
     json.loads(capfd.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert finite_json({"a": [math.nan, 1.0, {"b": math.inf}]}) == {"a": [None, 1.0, {"b": None}]}
     assert to_json(float("-inf")) == "null"
+
+
+BOMB = """a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+"""
+
+
+@pytest.mark.parametrize("key", ["train_split", "val_split"])
+def test_yaml_alias_bombs_are_refused_at_once(store, tmp_path, capfd, key):
+    preset = tmp_path / "bomb.yaml"
+    preset.write_text(BOMB.replace("a: &a", f"{key}: &a"))
+    assert _train(store, tmp_path / "run", "--config", str(preset)) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "aliases" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text, match", [("train_split: [train, val]\n", "train_split' must be a string"),
+                                         ("val_split: {a: 1}\n", "val_split' must be a string"),
+                                         ("epochs: 1.5\n", "must be an integer"),
+                                         ("head_options: 3\n", "must be a mapping"),
+                                         ("batch_size: true\n", "must be int")])
+def test_yaml_values_of_the_wrong_type_are_refused(store, tmp_path, capfd, text, match):
+    preset = tmp_path / "p.yaml"
+    preset.write_text(text)
+    argv = ["train", str(store.root), "--out", str(tmp_path / "run"), "--config", str(preset),
+            "--no-progress"]
+    assert main(argv) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err

@@ -12,6 +12,7 @@ import os
 from catnet.config import Flag, add_flags, apply_flags, from_dict, parse_key_values
 from catnet.engine.loop import starting_point
 from catnet.engine.train import TrainConfig, train
+from catnet.errors import CatnetError
 from catnet.heads import load_head_preset
 from catnet.utils.io import to_json
 
@@ -62,8 +63,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         data.update(head=name, head_options=options)
     apply_flags(args, TrainConfig, FLAGS, data)
     if args.head_opt:
-        data["head_options"] = {**(data.get("head_options") or {}), **parse_key_values(args.head_opt,
-                                                                                       "--head-opt")}
+        preset = data.get("head_options") or {}
+        if not isinstance(preset, dict):
+            raise CatnetError(f"config key 'head_options' must be a mapping, got {preset!r}")
+        data["head_options"] = {**preset, **parse_key_values(args.head_opt, "--head-opt")}
     data.update(store=args.store, out=args.out, resume=bool(args.resume),
                 progress=not args.no_progress and data.get("progress", True))
     return from_dict(TrainConfig, data)
