@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.catnet-installed
+# Where pip gets torch. Empty: the index pip is configured with (on this project's machines, the CPU wheel).
+# A CPU-only machine elsewhere: `make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu`, PyTorch's
+# own CPU wheels, instead of the multi-GB CUDA build that PyPI's torch==2.13.0 is on Linux.
+TORCH_INDEX ?=
 
 .PHONY: setup weights browser demo test lint clean
 
@@ -12,7 +16,7 @@ setup: $(STAMP) weights
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	# PyTorchVideo is only the reference the tests compare i3d_r50 against; its deps are not needed.
 	$(BIN)/python -m pip install -q --no-deps pytorchvideo==0.1.5

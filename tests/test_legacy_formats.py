@@ -43,7 +43,9 @@ def test_legacy_run_evaluates_to_the_same_numbers(legacy, capsys):
 
 def test_legacy_run_predicts_the_same(legacy, capsys, monkeypatch):
     monkeypatch.chdir(legacy)
-    assert main(["predict", "videos/jump/a.mp4", "--checkpoint", "run", "--json"]) == 0
+    # the run's own sampling (the default `fast` profile would use fewer clips than 0.1.0 did)
+    argv = ["predict", "videos/jump/a.mp4", "--checkpoint", "run", "--profile", "accurate", "--json"]
+    assert main(argv) == 0
     got = json.loads(capsys.readouterr().out.splitlines()[0])
     want = json.loads((legacy / "predict_expected.jsonl").read_text().splitlines()[0])
     assert [p["label"] for p in got["predictions"]] == [p["label"] for p in want["predictions"]]

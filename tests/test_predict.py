@@ -114,7 +114,7 @@ def test_predict_cli_json_lines_with_a_bad_video(tiny_run, tmp_path, capsys):
     broken = tmp_path / "broken.mp4"
     broken.write_text("not a video\n")
     code = main(["predict", str(good), str(broken), str(tmp_path / "missing.mp4"), "--checkpoint",
-                 str(tiny_run), "--json", "--top-k", "2", "--verbose"])
+                 str(tiny_run), "--json", "--top-k", "2", "--verbose", "--profile", "accurate"])
     out, err = capsys.readouterr()
     assert code == 1  # some videos failed, the good one still ran
     lines = out.strip().splitlines()
@@ -130,6 +130,9 @@ def test_predict_cli_json_lines_with_a_bad_video(tiny_run, tmp_path, capsys):
     err_lines = [ln for ln in err.splitlines() if "error" in ln]
     assert len(err_lines) == 2 and "broken.mp4" in err_lines[0] and "missing.mp4" in err_lines[1]
     assert "good.mp4:" in err and " s" in err  # --verbose timing
+    assert "profile accurate: 3 clips x 3 crop(s) x 4 frames" in err  # --verbose settings
+    timing = next(ln for ln in err.splitlines() if "good.mp4:" in ln)
+    assert all(f"{stage} " in timing for stage in ("decode", "backbone", "head"))
 
 
 def test_predict_cli_human_table_with_cheaper_settings(tiny_run, tmp_path, capsys):
@@ -147,7 +150,7 @@ def test_predictor_from_run_matches_store_features(tiny_run):
     """The backbone rebuilt from the run's manifest gives the very features the run was trained on."""
     from catnet.features import FeatureStore
 
-    predictor = Predictor.from_run(tiny_run)
+    predictor = Predictor.from_run(tiny_run, profile="accurate")  # the run's own settings, fp32
     store = FeatureStore(tiny_run.parent / "store")
     item = store[0]
     from catnet.video import load_clips

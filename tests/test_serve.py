@@ -181,3 +181,127 @@ def test_cli_bad_settings_are_clear_errors(tmp_path, monkeypatch, argv, match):
     monkeypatch.setenv("CATNET_HOME", str(tmp_path))
     with pytest.raises(CatnetError, match=match):
         build_app(_args("--checkpoint", str(shared_tiny_run()), *argv))
+
+
+def raw_request(port: int, head: bytes, body: bytes = b"") -> tuple[int, dict]:
+    """Send bytes as they are (http.client would refuse or re-encode odd headers); (status, JSON body)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(head + b"\r\n" + body)
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data, "empty reply"
+    status = int(data.split(b" ", 2)[1])
+    return status, json.loads(data.split(b"\r\n\r\n", 1)[1])
+
+
+@pytest.mark.parametrize("length", ["\u00b2".encode("latin-1"), b"-5", b"1e3", b"12 34", b"0x10", b"",
+                                    "\u0663".encode()])
+def test_malformed_content_length_is_a_json_400(server, length):
+    port, _ = server
+    head = (b"POST /api/predict HTTP/1.1\r\nHost: x\r\nX-Filename: v.mp4\r\nContent-Length: " + length
+            + b"\r\n")
+    status, body = raw_request(port, head, b"abc")
+    assert status == 400 and "malformed Content-Length" in body["error"]
+
+
+def test_conflicting_content_lengths_are_refused(server):
+    port, _ = server
+    head = (b"POST /api/predict HTTP/1.1\r\nHost: x\r\nX-Filename: v.mp4\r\n"
+            b"Content-Length: 3\r\nContent-Length: 4\r\n")
+    status, body = raw_request(port, head, b"abcd")
+    assert status == 400 and "Content-Length" in body["error"]
+
+
+def test_missing_content_length_is_411(server):
+    port, _ = server
+    status, body = raw_request(port, b"POST /api/predict HTTP/1.1\r\nHost: x\r\nX-Filename: v.mp4\r\n")
+    assert status == 411 and "Content-Length" in body["error"]
+
+
+def test_absurd_geometry_upload_is_a_json_4xx(server, tmp_path):
+    """A 16384 x 2 video: the video layer refuses the geometry; the page gets a JSON error naming it."""
+    import av
+
+    path = tmp_path / "tall.mkv"
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("ffv1", rate=10)
+        s.width, s.height, s.pix_fmt = 16384, 2, "yuv420p"
+        frame = av.VideoFrame.from_ndarray(np.full((2, 16384, 3), 90, np.uint8), format="rgb24")
+        for _ in range(2):
+            for p in s.encode(frame):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    port, _ = server
+    status, kind, body = upload(port, "tall.mkv", path.read_bytes())
+    assert 400 <= status < 500 and kind == "application/json"
+    error = json.loads(body)["error"]
+    assert "tall.mkv" in error and "16384x2" in error and "aspect ratio" in error
+
+
+def test_an_internal_error_is_a_json_500_not_an_empty_reply(server, monkeypatch):
+    from catnet.inference.serve import App
+
+    def boom(self, path, name):
+        raise RuntimeError("a bug\nwith a second line")
+
+    monkeypatch.setattr(App, "predict", boom)
+    port, _ = server
+    status, kind, body = request(port, "POST", "/api/predict?sample=moving_square.mp4")
+    assert status == 500 and kind == "application/json"
+    assert json.loads(body) == {"error": "internal error: RuntimeError"}
+
+
+def test_sample_videos_are_served_for_the_player(server):
+    port, home = server
+    status, kind, body = request(port, "GET", "/samples/moving_square.mp4")
+    assert status == 200 and kind == "video/mp4"
+    assert body == (home / "samples" / "moving_square.mp4").read_bytes()
+    assert request(port, "GET", "/samples/nope.mp4")[0] == 404
+
+
+@pytest.fixture(scope="module")
+def run_server(tmp_path_factory):
+    """The tiny trained run (random i3d_r50: it has a feature map) with explain and 1 s windows."""
+    from catnet.inference.predict import Predictor
+
+    home = tmp_path_factory.mktemp("home-run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CATNET_HOME", str(home))
+        predictor = Predictor.from_run(shared_tiny_run(), num_clips=4, num_crops=1)
+        app = App(predictor, find_samples(), max_bytes=MAX_BYTES, model_name="tiny run", window=1.0)
+        srv = make_server(app, "127.0.0.1", 0)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        yield srv.server_address[1]
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_answers_carry_grad_cam_overlays_and_the_label_timeline(run_server):
+    status, _, body = request(run_server, "POST", "/api/predict?sample=moving_square.mp4")
+    assert status == 200, body
+    r = json.loads(body)
+    assert [e["clip"] for e in r["explain"]] == [k["clip"] for k in r["keyframes"]]  # the same 3 clips
+    for e in r["explain"]:
+        img = decode_png(e["image"])
+        assert img.shape == (96, 128, 3) and img.std() > 0  # the sample's frames, inlined full size
+        assert np.isfinite(np.array(e["map"])).all()
+    assert len(r["windows"]) == 4  # 48 frames at 12 fps, 1 s windows
+    assert r["timeline"][0]["start"] == 0.0 and r["timeline"][-1]["end"] == pytest.approx(4.0)
+    info = json.loads(request(run_server, "GET", "/api/info")[2])
+    assert info["explain"] is True and info["window"] == {"seconds": 1.0, "hop": 1.0}
+
+
+@pytest.mark.parametrize("argv,match", [(["--window", "0"], "--window"), (["--hop", "1"], "--hop needs"),
+                                        (["--profile", "fast", "--crops", "2"], "--crops")])
+def test_cli_bad_window_and_cost_settings(tmp_path, monkeypatch, argv, match):
+    from catnet.cli.serve import build_app
+    from catnet.errors import CatnetError
+
+    monkeypatch.setenv("CATNET_HOME", str(tmp_path))
+    with pytest.raises(CatnetError, match=match):
+        build_app(_args("--checkpoint", str(shared_tiny_run()), *argv))

@@ -10,6 +10,7 @@ import os
 import shutil
 import threading
 
+import numpy as np
 import pytest
 from test_predict import CLASSES, shared_tiny_run, write_tiny_video
 
@@ -29,7 +30,8 @@ CLIPS = 5  # serve's cheap setting overrides the run's 3 clips
 
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory):
-    """A server on a random port with a tiny trained run (random i3d_r50 features, 1 epoch)."""
+    """A server on a random port with a tiny trained run (random i3d_r50 features, 1 epoch), Grad-CAM maps
+    and a label timeline of 1 s windows."""
     from catnet.inference.predict import Predictor
     from catnet.inference.serve import App, find_samples, make_server
 
@@ -37,7 +39,7 @@ def base_url(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CATNET_HOME", str(root / "home"))
         predictor = Predictor.from_run(shared_tiny_run(), num_clips=CLIPS, num_crops=1)
-        app = App(predictor, find_samples(), max_bytes=2_000_000, model_name="tiny run")
+        app = App(predictor, find_samples(), max_bytes=2_000_000, model_name="tiny run", window=1.0)
         srv = make_server(app, "127.0.0.1", 0)
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         yield f"http://127.0.0.1:{srv.server_address[1]}/"
@@ -79,6 +81,11 @@ def _check_results(browser, video_name):
     for img in imgs:
         assert img.get_attribute("src").startswith("data:image/png;base64,")
         assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img) > 0
+    overlays = browser.find_elements(By.CSS_SELECTOR, "#explain img")
+    assert len(overlays) == 3 and all(o.is_displayed() for o in overlays)
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#timeline .clip.explained")) == 3
+    segments = browser.find_elements(By.CSS_SELECTOR, "#label-timeline .segment")
+    assert segments and all(" s: " in seg.get_attribute("title") for seg in segments)
 
 
 def test_pick_sample_then_upload_then_refused_upload(base_url, browser, tmp_path):
@@ -104,3 +111,35 @@ def test_pick_sample_then_upload_then_refused_upload(base_url, browser, tmp_path
     browser.find_element(By.ID, "upload").click()
     status = _wait_for_result(browser)
     assert status.startswith("error") and "unsupported file type" in status
+
+
+def _screenshot_region(browser, element, path) -> np.ndarray:
+    """The page as the user sees it, saved to `path`, cropped to `element` (device pixels)."""
+    from PIL import Image
+
+    ratio = browser.execute_script("return window.devicePixelRatio") or 1
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+    browser.save_screenshot(str(path))
+    shot = np.asarray(Image.open(path).convert("RGB"))
+    r = browser.execute_script("const b = arguments[0].getBoundingClientRect();"
+                               "return [b.left, b.top, b.width, b.height];", element)
+    x, y, w, h = (round(v * ratio) for v in r)
+    return shot[max(0, y):y + h, max(0, x):x + w]
+
+
+def test_overlays_show_in_a_screenshot(base_url, browser, tmp_path):
+    """The Grad-CAM overlays are really painted under the timeline: non-blank pixels where they sit."""
+    browser.set_window_size(1000, 1400)
+    browser.get(base_url)
+    WebDriverWait(browser, 30).until(EC.text_to_be_present_in_element((By.ID, "model"), "tiny run"))
+    browser.find_element(By.ID, "run-sample").click()
+    assert _wait_for_result(browser).startswith("done")
+    card = browser.find_element(By.ID, "explain-card")
+    timeline = browser.find_element(By.ID, "timeline")
+    assert card.location["y"] > timeline.location["y"]  # under the attention timeline
+    for i, overlay in enumerate(browser.find_elements(By.CSS_SELECTOR, "#explain img")):
+        region = _screenshot_region(browser, overlay, tmp_path / f"page{i}.png")
+        assert region.shape[0] >= 150 and region.shape[1] >= 150, region.shape
+        page_white = (region > 245).all(axis=-1).mean()
+        assert page_white < 0.2 and region.std() > 10, "the overlay region is blank"
+    assert (tmp_path / "page0.png").stat().st_size > 0

@@ -27,11 +27,11 @@ VERBS: dict[str, tuple[str, str]] = {
     "finetune-backbone": ("catnet.cli.finetune_backbone",
                           "fine-tune a backbone on clips (the paper's baseline)"),
     "predict": ("catnet.cli.predict", "predict actions on videos, with the moments that mattered"),
-    "export": ("catnet.cli.export", "export a trained head or a backbone to ONNX / TorchScript"),
+    "export": ("catnet.cli.export", "export a trained head or a backbone to ONNX / torch.export (.pt2)"),
     "report": ("catnet.cli.report", "write the analysis report (Figs. 4-6) for a run"),
     "demo": ("catnet.cli.demo", "run the whole pipeline on the embedded synthetic dataset"),
     "reproduce": ("catnet.cli.reproduce", "run the paper's protocol end to end on a dataset"),
-    "serve": ("catnet.cli.serve", "web page: upload a video, see its top-5 and attention timeline"),
+    "serve": ("catnet.cli.serve", "web page: upload a video, see its top-5, attention timeline and Grad-CAM"),
 }
 
 

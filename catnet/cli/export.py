@@ -1,18 +1,21 @@
-"""`catnet export RUN --format onnx|torchscript --out FILE`: a trained head, or its backbone, for serving."""
+"""`catnet export RUN --format onnx|pt2|torchscript --out FILE`: a trained head, or its backbone."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from catnet.engine.runs import load_run
 from catnet.errors import CatnetError
-from catnet.inference.export import FORMATS, export_backbone, export_head
+from catnet.inference.export import DEPRECATED, FORMATS, export_backbone, export_head
 from catnet.inference.predict import backbone_from_manifest, store_manifest
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN", help="trained run directory (from `catnet train`)")
-    p.add_argument("--format", choices=FORMATS, required=True, help="onnx (onnxruntime) or torchscript")
+    p.add_argument("--format", choices=FORMATS, required=True,
+                   help="onnx (dynamo exporter, for onnxruntime), pt2 (torch.export, load with "
+                        "torch.export.load) or torchscript (deprecated: torch.jit is deprecated upstream)")
     p.add_argument("--out", required=True, metavar="PATH", help="file to write")
     p.add_argument("--part", choices=("head", "backbone"), default="head",
                    help="the trained head (default) or the backbone that made the run's features")
@@ -23,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     head, info = load_run(args.run_dir, which=args.which)
+    if args.format in DEPRECATED:
+        print(f"catnet export: note: {args.format}: {DEPRECATED[args.format]}", file=sys.stderr)
     if args.part == "head":
         path = export_head(head, args.format, args.out, classes=list(info["classes"]))
     else:

@@ -1,13 +1,13 @@
-"""`catnet serve`: a web page to upload a video and see its top-5, attention timeline and key frames."""
+"""`catnet serve`: a web page to upload a video and see its top-5, attention timeline, where the model
+looked (Grad-CAM over key frames) and, with --window, the label timeline under the video."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from catnet.errors import CatnetError
-from catnet.inference.predict import Predictor
-from catnet.inference.serve import SERVE_FRAMES, App, find_samples, make_server
+from catnet.inference.predict import DEFAULT_PROFILE, PROFILES, Predictor
+from catnet.inference.serve import App, find_samples, make_server
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,27 +16,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", metavar="RUN", help="trained run (default: pretrained Inception-I3D)")
     p.add_argument("--samples", action="append", metavar="DIR", help="extra folder of sample videos")
     p.add_argument("--max-mb", type=float, default=100.0, help="upload size limit in MB (default 100)")
-    p.add_argument("--clips", type=int, default=4, help="clips per video (default 4: cheap on CPU)")
-    p.add_argument("--crops", type=int, default=1, help="crops per clip, 1 or 3 (default 1)")
-    p.add_argument("--frames", type=int,
-                   help=f"frames per clip (default: the model's, at most {SERVE_FRAMES})")
+    p.add_argument("--profile", choices=tuple(PROFILES), default=DEFAULT_PROFILE,
+                   help="; ".join(f"{n}: {pr.describe()}" for n, pr in PROFILES.items())
+                   + f" (default {DEFAULT_PROFILE}: cheap on CPU)")
+    p.add_argument("--clips", type=int, help="clips per video (default: the profile's)")
+    p.add_argument("--crops", type=int, help="crops per clip, 1 or 3 (default: the profile's)")
+    p.add_argument("--frames", type=int, help="frames per clip (default: the profile's)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the backbone (compiled at the first request, cached in "
+                        "$CATNET_HOME/inductor; default: the profile's)")
+    p.add_argument("--no-explain", action="store_true",
+                   help="skip the Grad-CAM maps (a backward pass of the backbone for each of 3 clips)")
+    p.add_argument("--window", type=float, metavar="S",
+                   help="also show the label timeline of S-second windows under the video")
+    p.add_argument("--hop", type=float, metavar="H", help="a new window every H seconds (default S)")
     p.add_argument("--verbose", action="store_true", help="log every request to stderr")
 
 
 def build_app(args: argparse.Namespace) -> App:
-    """The model (cheap settings unless asked otherwise), samples and limits from the command line."""
+    """The model (loaded once for the whole process), samples and limits from the command line."""
     if args.max_mb <= 0:
         raise CatnetError(f"--max-mb must be > 0, got {args.max_mb}")
-    overrides = dict(num_clips=args.clips, num_crops=args.crops, clip_len=args.frames)
+    for name in ("window", "hop"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise CatnetError(f"--{name} must be a number of seconds > 0, got {value}")
+    if args.hop is not None and args.window is None:
+        raise CatnetError("--hop needs --window")
+    overrides = dict(num_clips=args.clips, num_crops=args.crops, clip_len=args.frames, profile=args.profile,
+                     compile=args.compile)
     if args.checkpoint:
         predictor, model = Predictor.from_run(args.checkpoint, **overrides), f"run {args.checkpoint}"
     else:
         predictor, model = Predictor.pretrained(**overrides), "Inception-I3D (Kinetics-400)"
-    if args.frames is None:  # I3D's 64-frame clips cost 2x the 32 frames that already work well
-        clip_len = min(SERVE_FRAMES, predictor.sampling.clip_len)
-        predictor.sampling = dataclasses.replace(predictor.sampling, clip_len=clip_len)
     return App(predictor, find_samples(args.samples), max_bytes=int(args.max_mb * 2**20),
-               model_name=model, verbose=args.verbose)
+               model_name=model, verbose=args.verbose, explain=not args.no_explain,
+               window=args.window, hop=args.hop)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         raise CatnetError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     host, port = server.server_address[:2]
     print(f"catnet serve: {app.model_name} on http://{host}:{port}/  (Ctrl-C to stop)", flush=True)
+    if args.verbose:
+        print(f"catnet serve: {app.predictor.describe()}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
