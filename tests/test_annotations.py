@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from catnet.data import load_annotations
-from catnet.data.annotations import read_kinetics
+from catnet.data.annotations import name_group, read_kinetics
 from catnet.errors import CatnetError
 
 
@@ -128,14 +129,94 @@ def test_plain_csv(tmp_path):
 
 
 @pytest.mark.parametrize("bad", ["../outside.mp4", "clips/../../outside.mp4", "/etc/passwd"])
-def test_paths_cannot_escape_the_root(tmp_path, bad):
-    (tmp_path / "list.csv").write_text(f"{bad},run\n")
-    with pytest.raises(CatnetError, match="outside the dataset root"):
-        load_annotations(tmp_path / "list.csv")
+def test_dataset_lists_cannot_escape_the_root_but_plain_csvs_may(tmp_path, bad):
     kin = tmp_path / "k.csv"
     kin.write_text(f"label,youtube_id,time_start,time_end,split\n../../{bad},x,0,10,train\n")
-    with pytest.raises(CatnetError, match="outside the dataset root"):
+    with pytest.raises(CatnetError, match="outside the dataset root .*meant to be relative"):
         load_annotations(kin, root=tmp_path / "k400")
+    # a plain CSV is the user's own list: absolute paths and paths outside its folder are accepted
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "list.csv").write_text(f"{bad},run\n")
+    ann = load_annotations(tmp_path / "data" / "list.csv", check_files=False)
+    want = Path(os.path.normpath(tmp_path / "data" / bad))
+    assert ann.items[0].path == want and ann.items[0].id == want.with_suffix("").as_posix()
+
+
+def test_plain_csv_root_absolute_paths_and_group_column(tmp_path):
+    videos = tmp_path / "videos"
+    a, b = touch(videos / "x" / "a.mp4"), touch(videos / "x" / "b.mp4")
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    # a header names the columns in any order; group carries the source video
+    (lists / "mine.csv").write_text(f"group,split,path,label\ns1,train,x/a.mp4,run\ns1,val,{b},run\n")
+    ann = load_annotations(lists / "mine.csv", root=videos)
+    assert [(it.id, it.path, it.split, it.group) for it in ann.items] == [
+        ("x/a", a, "train", "s1"), ("x/b", b, "val", "s1")]
+    # positional path,label,split,group; without a group the UCF101 name rule applies
+    (lists / "pos.csv").write_text("x/a.mp4,run,train,g7\nx/v_Run_g03_c02.avi,run,val\nx/b.mp4,run\n")
+    ann = load_annotations(lists / "pos.csv", root=videos, check_files=False)
+    assert [it.group for it in ann.items] == ["g7", "Run_g03", None]
+    (lists / "bad.csv").write_text("path,label,camera\nx/a.mp4,run,2\n")
+    with pytest.raises(CatnetError, match="header columns"):
+        load_annotations(lists / "bad.csv", root=videos)
+
+
+@pytest.mark.parametrize("row", [".", "./", "clips/", "clips/.."])
+def test_a_folder_instead_of_a_video_is_a_one_line_error(tmp_path, row):
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "list.csv").write_text(f"{row},run\n")
+    with pytest.raises(CatnetError, match="line 1: path .* names a folder, not a video file"):
+        load_annotations(tmp_path / "list.csv")
+
+
+@pytest.mark.parametrize("start", ["inf", "-inf", "nan", "1e999"])
+def test_kinetics_non_finite_times_are_one_line_errors(tmp_path, start):
+    kin = tmp_path / "k.csv"
+    kin.write_text(f"label,youtube_id,time_start,time_end,split\nabseiling,aaa,{start},10,train\n")
+    with pytest.raises(CatnetError, match="line 2: time_start/time_end must be finite numbers"):
+        load_annotations(kin, root=tmp_path)
+
+
+def test_groups_from_ucf101_hmdb51_kinetics_and_folder_names(tmp_path):
+    assert name_group("v_ApplyEyeMakeup_g08_c03") == "ApplyEyeMakeup_g08"
+    hmdb = [("April_09_brush_hair_u_nm_np1_ba_goo_2", "brush_hair", "April_09"),
+            ("brushing_raychel_s_hair_brush_hair_u_cm_np2_ri_goo_2", "brush_hair",
+             "brushing_raychel_s_hair"),
+            ("20060723sfjffbartsinger_wave_f_cm_np1_ba_med_0", "wave", "20060723sfjffbartsinger"),
+            ("Prelinger_HabitPat1954_brush_hair_h_nm_np1_fr_med_26", "brush_hair", "Prelinger_HabitPat1954")]
+    for name, cls, source in hmdb:
+        assert name_group(name, cls) == source
+    # anything else is its own group: no guessing from a trailing number
+    assert name_group("run_2024") is None
+    assert name_group("April_09_brush_hair_u_nm_np1_ba_goo_2", "wave") is None  # the class is in the name
+
+    splits = tmp_path / "hmdb_splits"
+    splits.mkdir()
+    (splits / "wave_test_split1.txt").write_text(
+        "20060723sfjffbartsinger_wave_f_cm_np1_ba_med_0.avi 1\n"
+        "20060723sfjffbartsinger_wave_f_cm_np1_ba_med_1.avi 1\nother.avi 2\n")
+    ann = load_annotations(splits, root=tmp_path / "hmdb51", check_files=False)
+    assert [it.group for it in ann.items] == ["20060723sfjffbartsinger"] * 2 + [None]
+
+    for p in ("Run/v_Run_g01_c01.avi", "Run/v_Run_g01_c02.avi", "Run/clip.mp4"):
+        touch(tmp_path / "folder" / p)
+    assert [it.group for it in load_annotations(tmp_path / "folder").items] == [None, "Run_g01", "Run_g01"]
+
+    kin = tmp_path / "k.csv"
+    kin.write_text("label,youtube_id,time_start,time_end,split\nrun,aaa,0,10,train\nrun,aaa,20,30,train\n")
+    assert [it.group for it in read_kinetics(kin, tmp_path, check_files=False).items] == ["aaa", "aaa"]
+
+
+def test_ucf101_real_split_files_groups_never_straddle_train_and_test(shared_dir):
+    splits = shared_dir / "data" / "splits" / "ucf101"
+    if not splits.is_dir():
+        pytest.skip("no UCF101 split files in ../shared")
+    for k in (1, 2, 3):
+        ann = load_annotations(splits, root="/nonexistent", split_id=k, check_files=False)
+        groups = {s: {it.group for it in ann.split(s)} for s in ("train", "test")}
+        assert None not in groups["train"] | groups["test"]
+        assert len(groups["train"] | groups["test"]) == 101 * 25  # 25 groups per class
+        assert not groups["train"] & groups["test"]  # the official splits are by group, and so are ours
 
 
 def test_auto_detection_and_bad_sources(tmp_path):

@@ -52,6 +52,7 @@ def test_torchrun_two_processes_reduce_eval_exactly(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "catnet", "train", str(store.root), "--out", str(tmp_path / "run"), "--epochs", "2",
            "--batch-size", "4", "--eval-batch-size", "2", "--lr", "0.1", "--train-views", "3",
+           "--val-split", "test",
            "--head-opt", "num_heads=2", "--no-progress", "--json"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -98,7 +99,8 @@ def test_torchrun_resume_is_exact(tmp_path):
         # dropout (per-rank RNG), view subsets, momentum and an lr step all carry state across epochs
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "catnet", "train", str(store.root), "--out", str(out), "--epochs", str(epochs),
-               "--batch-size", "4", "--lr", "0.1", "--lr-step", "2", "--train-views", "3",
+               "--batch-size", "4", "--lr", "0.1", "--schedule", "step", "--lr-step", "2",
+               "--train-views", "3",
                "--head-opt", "num_heads=2", "--dropout", "0.5", "--seed", "5", "--no-progress", "--json",
                *extra]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)

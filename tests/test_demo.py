@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
 from catnet.cli import main
 from catnet.config import from_dict
-from catnet.experiments.demo import DemoConfig, demo_config
+from catnet.experiments.demo import DemoConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,41 +56,6 @@ def test_bad_demo_config_is_one_line_error(tmp_path, capsys):
     assert main(["demo", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "clases" in capsys.readouterr().err
     assert main(["demo", "--seeds", "0", "--out", str(tmp_path / "o")]) == 2
-
-
-def test_standardised_store_uses_train_statistics_only(tmp_path):
-    from catnet.experiments.demo import standardise_store
-    from catnet.features.store import FeatureStore
-
-    rng = np.random.default_rng(0)
-    # a large shared positive mean, like pooled post-ReLU features; the test videos are shifted further
-    feats = rng.normal(5.0, 2.0, (6, 4, 8))
-    feats[4:] += 3.0
-    src = tmp_path / "store"
-    FeatureStore.write_synthetic(src, feats, [0, 1, 0, 1, 0, 1], ["a", "b"],
-                                 splits=["train"] * 4 + ["test"] * 2)
-    dst = standardise_store(src)
-    fs = FeatureStore(dst)
-    train = np.concatenate([fs[i].features for i in fs.split("train")])
-    test = np.concatenate([fs[i].features for i in fs.split("test")])
-    np.testing.assert_allclose(train.mean(0), 0, atol=2e-3)  # fp16 shards
-    np.testing.assert_allclose(train.std(0), 1, atol=2e-3)
-    assert test.mean() > 0.5  # the test videos did not contribute to the statistics
-    assert [fs[i].label for i in range(6)] == [0, 1, 0, 1, 0, 1] and fs.classes == ["a", "b"]
-    assert fs.manifest["standardised"]["split"] == "train"
-    mtime = (dst / "standardised.json").stat().st_mtime_ns
-    assert standardise_store(src) == dst and (dst / "standardised.json").stat().st_mtime_ns == mtime
-
-
-def test_learning_rate_per_head_family():
-    from catnet.experiments.demo import head_lr
-
-    cfg = demo_config(train={"lr": 0.03}, lr_normalised=1.0)
-    assert head_lr(cfg, "avgpool", {}) == 0.03
-    assert head_lr(cfg, "local", {"fc_norm": False}) == 0.03
-    assert head_lr(cfg, "local", {"fc_norm": True}) == 1.0
-    assert head_lr(cfg, "catnet", {"num_heads": 4, "aggregation": "sum"}) == 1.0
-    assert head_lr(cfg, "attention_clusters", {}) == 1.0
 
 
 @pytest.mark.slow

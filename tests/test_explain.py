@@ -24,6 +24,8 @@ def run_predictor():
     from catnet.inference.predict import backbone_from_manifest, store_manifest
 
     head, info = load_run(shared_tiny_run())
+    if head.config.standardize:  # the run's statistics describe 32 px crop features, not these 64 px ones
+        head.set_standardization(torch.zeros(head.config.in_dim), torch.ones(head.config.in_dim))
     backbone, sampling, _ = backbone_from_manifest(store_manifest(info))
     return Predictor(backbone, info["classes"], sampling, SpatialConfig(short_side=72, crop=64, num_crops=3),
                      head=head)
@@ -49,9 +51,10 @@ def test_maps_are_finite_frame_sized_and_in_range(run_predictor, video):
         frame = read_frames(video, [s.frame_index])[0]
         assert s.heat.shape == frame.shape[:2] and s.frame.shape == frame.shape
         assert np.isfinite(s.heat).all() and s.heat.min() >= 0 and s.heat.max() <= 1
-        assert s.heat.max() > 0, "an all-zero map explains nothing"
         assert s.frame_index == int(pred.frame_indices[s.clip, pred.frame_indices.shape[1] // 2])
         assert s.view == s.clip * 3 + 1  # the centre crop of the clip
+    # Grad-CAM's ReLU zeroes a view with no positive evidence for the class; not every view can be empty
+    assert max(s.heat.max() for s in pred.explain) > 0, "all-zero maps explain nothing"
 
 
 def test_the_map_changes_with_the_class(run_predictor, video):

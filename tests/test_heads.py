@@ -6,6 +6,7 @@ read the module's parameters, so they check the tensor code rather than re-runni
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -99,6 +100,11 @@ def ref_global(z, w, b):
     return np.array([sigmoid(float(w @ np.concatenate([z[i], G])) + b) for i in range(N)])
 
 
+def classify(head, v):
+    """The classifier on the scaled representation: W (logit_scale * V) + b (docs/heads.md)."""
+    return P(head.classifier.weight) @ (head.config.logit_scale * v) + P(head.classifier.bias)
+
+
 def ref_aggregate(z, beta, how):
     if how == "sum":  # Eq. 7
         return sum(beta[i] * z[i] for i in range(len(z))) / sum(beta)
@@ -124,7 +130,7 @@ def ref_catnet(head, x, m):
     if c.global_attention:
         beta = ref_global(y, P(head.global_att.fc.weight)[0], float(P(head.global_att.fc.bias)[0]))
     v = ref_aggregate(y, beta if beta is not None else np.ones(len(y)), c.aggregation)
-    return P(head.classifier.weight) @ v + P(head.classifier.bias), alpha, beta
+    return classify(head, v), alpha, beta
 
 
 def ref_attention_clusters(head, x, m):
@@ -134,7 +140,7 @@ def ref_attention_clusters(head, x, m):
     for i in range(N):
         o = w[i] * y[i] + b[i]  # the shifting operation: scalar weight and bias per head
         parts.append(o / (math.sqrt(N) * np.linalg.norm(o)))
-    return P(head.classifier.weight) @ np.concatenate(parts) + P(head.classifier.bias), alpha
+    return classify(head, np.concatenate(parts)), alpha
 
 
 def ref_netvlad(head, x, m):
@@ -149,7 +155,7 @@ def ref_netvlad(head, x, m):
             V[k] += e[k] / sum(e) * (x[j] - centers[k])
     V = np.concatenate([V[k] / np.linalg.norm(V[k]) for k in range(Kc)])  # intra-normalisation
     V = V / np.linalg.norm(V)  # global normalisation
-    return P(head.classifier.weight) @ V + P(head.classifier.bias)
+    return classify(head, V)
 
 
 def ref_lstm(head, x, m):
@@ -169,7 +175,7 @@ def ref_lstm(head, x, m):
             outs.append(h)
         seq = outs
     v = seq[-1] if c.pooling == "last" else sum(seq) / len(seq)
-    return P(head.classifier.weight) @ v + P(head.classifier.bias)
+    return classify(head, v)
 
 
 # ---------------------------------------------------------------- equations, one by one
@@ -308,7 +314,7 @@ def test_avgpool_is_mean_of_clip_features_then_fc(batch):
     head = make_head("avgpool", {})
     for b in range(2):
         mean = P(x[b])[P(mask[b]).astype(bool)].mean(0)
-        ref = P(head.classifier.weight) @ mean + P(head.classifier.bias)
+        ref = classify(head, mean)
         np.testing.assert_allclose(P(head(x, mask)[b]), ref, atol=1e-12)
 
 
@@ -520,3 +526,48 @@ def test_head_learns_a_small_task(name, options):
         opt.step()
     accuracy = (head.eval()(x).argmax(1) == labels).float().mean().item()
     assert accuracy >= 0.9, accuracy
+
+
+# ---------------------------------------------------------------- logit scale and standardisation
+
+
+@pytest.mark.parametrize("name,options,scale", [
+    ("catnet", {"num_heads": 4}, 16.0),
+    ("catnet", {"num_heads": 4, "aggregation": "sum"}, 32.0),  # 16 sqrt(N): V has norm <= 1/sqrt(N)
+    ("local", {"num_heads": 4, "fc_norm": True}, 16.0),
+    ("local", {"num_heads": 4, "fc_norm": False}, 0.5),  # 1/sqrt(N) on N concatenated raw heads
+    ("catnet", {"num_heads": 4, "global_features": "raw"}, 0.5),
+    ("avgpool", {}, 1.0),
+    ("linear", {}, 1.0),
+    ("attention_clusters", {"num_heads": 4}, 16.0),
+    ("netvlad", {"num_clusters": 4}, 16.0),
+    ("lstm", {"hidden_size": 8}, 1.0),
+])
+def test_default_logit_scale_per_head(name, options, scale):
+    head = build_head(name, 8, 3, **options)
+    assert head.config.logit_scale == pytest.approx(scale)
+    assert build_head(name, 8, 3, logit_scale=2.0, **options).config.logit_scale == 2.0  # asked: kept
+    # a config dict without the key (catnet 0.1 runs) means 1.0, so old runs give their old numbers
+    old = {k: v for k, v in dataclasses.asdict(head.config).items() if k != "logit_scale"}
+    assert head_from_config(old).config.logit_scale == 1.0
+    x = torch.randn(2, 5, 8)
+    again = head_from_config(dataclasses.asdict(head.config))
+    again.load_state_dict(head.state_dict())
+    torch.testing.assert_close(again.eval()(x), head.eval()(x))
+
+
+def test_standardisation_buffers_apply_before_masking():
+    torch.manual_seed(0)
+    head = build_head("catnet", 4, 3, num_heads=2, standardize=True).eval()
+    assert {"input_mean", "input_std"} <= set(head.state_dict())
+    mean, std = torch.tensor([5.0, -1.0, 0.0, 2.0]), torch.tensor([2.0, 0.5, 1.0, 4.0])
+    head.set_standardization(mean, std)
+    plain = build_head("catnet", 4, 3, num_heads=2).eval()
+    plain.load_state_dict({k: v for k, v in head.state_dict().items() if not k.startswith("input_")})
+    x = torch.randn(2, 3, 4) * std + mean
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    x[0, 2] = float("nan")  # padding garbage never leaks, standardised or not
+    torch.testing.assert_close(head(x, mask), plain((x - mean) / std, mask), atol=1e-6, rtol=1e-6)
+    assert torch.isfinite(head(x, mask)).all()
+    with pytest.raises(CatnetError, match="standardize=True"):
+        plain.set_standardization(mean, std)

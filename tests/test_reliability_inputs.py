@@ -55,8 +55,10 @@ def test_nonfinite_features_refused_before_training(tmp_path, no_steps, value, s
     store = make_store(tmp_path / "s")
     bad = store.ids[store.split(split)[-1]]  # the last video: met only at the end of an epoch
     _poison(store, bad, value)
+    # with the test split validating (asked for), its features are read by training too
+    val = {"val_split": "test"} if split == "test" else {}
     with pytest.raises(CatnetError, match=rf"non-finite .*{bad}"):
-        train(cfg(store.root, tmp_path / "run", epochs=1))
+        train(cfg(store.root, tmp_path / "run", epochs=1, **val))
     assert not (tmp_path / "run").exists()
 
 
@@ -127,9 +129,9 @@ def test_shard_with_another_feature_width_is_refused_up_front(tmp_path, no_steps
 
 def test_label_outside_the_class_list_is_refused(tmp_path, no_steps):
     feats = [np.ones((2, 4), np.float32) * i for i in range(6)]
-    store = FeatureStore.write_synthetic(tmp_path / "s", feats, [0, 1, 2, 0, 1, 7], ["a", "b", "c"],
-                                         splits=["train"] * 4 + ["test"] * 2)
-    with pytest.raises(CatnetError, match="without a valid label.*video000005"):
+    store = FeatureStore.write_synthetic(tmp_path / "s", feats, [0, 1, 2, 0, 7, 1], ["a", "b", "c"],
+                                         splits=["train"] * 5 + ["test"])
+    with pytest.raises(CatnetError, match="without a valid label.*video000004"):
         train(cfg(store.root, tmp_path / "run", epochs=1))
 
 

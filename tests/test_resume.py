@@ -1,4 +1,5 @@
-"""A run SIGKILLed mid-epoch and resumed ends bit-identical to an uninterrupted one (weights and metrics)."""
+"""A run SIGKILLed mid-epoch and resumed ends bit-identical to an uninterrupted one (weights and metrics),
+with the default recipe and with each optimisation option (catnet.engine.optim)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from catnet.engine.train import TrainConfig, train
@@ -28,13 +30,15 @@ KILLER = textwrap.dedent("""
     torch.set_num_threads(int(sys.argv[2]))
     from catnet.engine.train import TrainConfig, train
     kill_at, calls = int(sys.argv[3]), [0]
-    step = torch.optim.SGD.step
-    def killing_step(self, *a, **k):
-        calls[0] += 1
-        if calls[0] == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return step(self, *a, **k)
-    torch.optim.SGD.step = killing_step
+    def killing(step):
+        def killing_step(self, *a, **k):
+            calls[0] += 1
+            if calls[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return step(self, *a, **k)
+        return killing_step
+    torch.optim.SGD.step = killing(torch.optim.SGD.step)
+    torch.optim.AdamW.step = killing(torch.optim.AdamW.step)
     train(TrainConfig(**json.loads(sys.argv[1])))
 """)
 
@@ -53,11 +57,23 @@ def _metrics(run: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
 
 
-def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path):
+OPTIONS = {
+    # the default recipe: Nesterov SGD, warmup + per-step cosine, standardised features
+    "recipe": {},
+    # the paper's step schedule with an epoch warmup, AdamW, and every loss / sampling option
+    "options": {"schedule": "step", "lr_step": 3, "warmup_epochs": 1.5, "optimizer": "adamw", "lr": 0.01,
+                "label_smoothing": 0.1, "class_weights": "balanced", "sampler": "balanced",
+                "early_stop": 3, "standardize": False},
+}
+
+
+@pytest.mark.parametrize("options", list(OPTIONS.values()), ids=list(OPTIONS))
+def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, options):
     store = make_store(tmp_path / "s")
-    # dropout, random view subsets, momentum and an lr step all carry state across epochs
-    base = TrainConfig(store=str(store.root), out="", epochs=4, batch_size=4, lr=0.05, lr_step=3,
-                       train_views=3, head_options={"num_heads": 2, "dropout": 0.5}, seed=7, progress=False)
+    # dropout, random view subsets, momentum and the schedule all carry state across epochs
+    base = TrainConfig(**{**dict(store=str(store.root), out="", epochs=4, batch_size=4, lr=0.05,
+                                 train_views=3, head_options={"num_heads": 2, "dropout": 0.5}, seed=7,
+                                 val_split="test", progress=False), **options})
     full = train(TrainConfig(**{**asdict(base), "out": str(tmp_path / "full")}))
 
     killed = TrainConfig(**{**asdict(base), "out": str(tmp_path / "killed")})

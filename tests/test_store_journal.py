@@ -155,27 +155,33 @@ raise SystemExit(main(sys.argv[2:]))
 """
 
 
+def kill_at_third_video(child: str, log: Path, argv: list[str], settle: float = 0.0) -> list[str]:
+    """Run `catnet argv` under `child` (which logs each video id it starts to `log`), SIGKILL it once
+    the 3rd video is in flight (2 finished and journaled) plus `settle` seconds; the ids started."""
+    proc = subprocess.Popen([sys.executable, "-c", child, str(log), *argv], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    try:
+        while proc.poll() is None and len(log.read_text().splitlines()) < 3:
+            assert time.monotonic() < deadline, "extraction never reached its 3rd video"
+            time.sleep(0.01)
+        time.sleep(settle)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"extraction was not killed mid-run: {err.decode()[-500:]}"
+    return log.read_text().split()
+
+
 def test_sigkill_with_nothing_flushed_redoes_at_most_one_video(make_video, tmp_path, capsys):
     src, n = tmp_path / "videos", 5
     for i in range(n):
         make_video(f"videos/c{i % 2}/v{i}.mp4", frames=10 + i, height=32, width=40, seed=i)
     out, log = tmp_path / "killed", tmp_path / "started.log"
     log.write_text("")
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(log), "extract", str(src), "--out", str(out),
-                             *TINY], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 120
-    try:  # kill once the 3rd video is being decoded: 2 finished (journaled), 1 in flight
-        while proc.poll() is None and len(log.read_text().splitlines()) < 3:
-            assert time.monotonic() < deadline, "extraction never reached its 3rd video"
-            time.sleep(0.01)
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        _, err = proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, f"extraction was not killed mid-run: {err.decode()[-500:]}"
-
-    started = log.read_text().split()
+    started = kill_at_third_video(CHILD, log, ["extract", str(src), "--out", str(out), *TINY])
     assert not list((out / "shards").glob("*.safetensors")), "a shard was flushed: nothing to test"
     saved = set(FeatureStore(out).ids)  # the journal, read-only
     assert len(saved) >= 2 and saved <= set(started)

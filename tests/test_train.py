@@ -40,8 +40,9 @@ def make_store(path, n=24, d=8, num_classes=3, splits=True, seed=0, nan_video=No
 
 
 def cfg(store, out, **kw):
-    base = dict(store=str(store), out=str(out), epochs=3, batch_size=4, lr=0.1, lr_step=2,
-                head_options={"num_heads": 2}, train_views=3, progress=False)
+    """A short run on the paper's kind of schedule (x0.1 every 2 epochs, no warmup)."""
+    base = dict(store=str(store), out=str(out), epochs=3, batch_size=4, lr=0.1, lr_step=2, schedule="step",
+                warmup_fraction=0.0, head_options={"num_heads": 2}, train_views=3, progress=False)
     return TrainConfig(**{**base, **kw})
 
 
@@ -60,7 +61,8 @@ def test_training_learns_and_logs(run):
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]
     assert hist[-1]["val_top1"] > 1 / 3  # better than chance on separable classes
     assert [h["lr"] for h in hist] == pytest.approx([0.1, 0.1, 0.01])  # x0.1 every lr_step epochs
-    assert hist[-1]["val_n"] == len(store.split("test"))
+    # no val split: a held-out part of train validates, never the test videos
+    assert hist[-1]["val_n"] == 3 and result["val"] == "holdout0.1" and result["selected_on"] == "train"
     rows = list(csv.DictReader((root / "run" / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert float(rows[-1]["val_top1"]) == pytest.approx(hist[-1]["val_top1"])
@@ -76,6 +78,8 @@ def test_run_json_and_weights_only_checkpoints(run):
     assert info["in_dim"] == 8 and info["classes"] == store.classes
     assert info["store"]["manifest"]["backbone"] == store.manifest["backbone"]
     assert info["train"]["epochs"] == 3 and info["catnet_version"]
+    assert info["selected_on"] == "train" and info["selected_on_test"] is False
+    assert info["schedule"]["epochs"] == 3 and info["result"]["epochs_run"] == 3
     last = torch.load(root / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert last["epoch"] == 3 and set(last) >= {"model", "optimizer", "scheduler", "rng", "data_generator"}
     best = torch.load(root / "run" / "checkpoints" / "best.pt", weights_only=True)
@@ -83,8 +87,9 @@ def test_run_json_and_weights_only_checkpoints(run):
     head, _ = load_run(root / "run", which="last")
     for k, v in head.state_dict().items():
         assert torch.equal(v, last["model"][k])
-    again = evaluate(head, store, "test", classes=info["classes"])
-    assert again["top1"] == pytest.approx(result["history"][-1]["val_top1"])
+    held = [i for i in store.split("train") if i not in split_indices(store, cfg(store.root, "x"))[0]]
+    again = evaluate(head, store, "train", classes=info["classes"])  # all train videos, hold-out included
+    assert again["n"] == len(store.split("train")) and len(held) == result["history"][-1]["val_n"]
 
 
 def test_refusals_before_work(run, tmp_path):
@@ -95,6 +100,8 @@ def test_refusals_before_work(run, tmp_path):
         train(cfg(store.root, tmp_path / "a", train_split="nope"))
     with pytest.raises(CatnetError, match="validation split 'val' .* is empty"):
         train(cfg(store.root, tmp_path / "b", val_split="val"))
+    with pytest.raises(CatnetError, match="is the training split"):
+        train(cfg(store.root, tmp_path / "b", val_split="train"))
     with pytest.raises(CatnetError, match="nothing to resume"):
         train(cfg(store.root, tmp_path / "c", resume=True))
     with pytest.raises(CatnetError, match="resume with settings that differ.*lr"):
@@ -150,6 +157,7 @@ def test_transfer_copies_all_but_classifier(run, tmp_path):
     out = tmp_path / "ft"
     train(cfg(small.root, out, epochs=1, lr=1e-9, momentum=0.0, weight_decay=0.0, head_options={},
               init_from=str(root / "run")))
+    assert json.loads((out / "run.json").read_text())["standardized_on"] == "init_from"
     src, _ = load_run(root / "run", which="best")
     dst, info = load_run(out, which="last")
     assert info["init_from"]["run"] == str(root / "run") and dst.config.num_classes == 5
@@ -190,8 +198,9 @@ def test_bf16_autocast_trains_close_to_fp32_and_resumes_exactly(tmp_path):
     fp32 = train(cfg(store.root, tmp_path / "fp32", epochs=2))
     bf16 = train(cfg(store.root, tmp_path / "bf16", epochs=2, amp="bf16"))
     assert json.loads((tmp_path / "bf16" / "run.json").read_text())["train"]["amp"] == "bf16"
-    for a, b in zip(fp32["history"], bf16["history"], strict=True):
-        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.05)  # bf16 keeps ~3 digits
+    # bf16 keeps ~3 digits; the gap grows once the loss has fallen a lot (logits x16, docs/heads.md)
+    for a, b, rel in zip(fp32["history"], bf16["history"], (0.05, 0.2), strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=rel)
         assert math.isfinite(b["val_loss"])
     # the loss scaler's state (trivial for bf16) travels in the checkpoint; a resumed run is exact
     half = train(cfg(store.root, tmp_path / "half", epochs=1, amp="bf16"))

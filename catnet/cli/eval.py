@@ -53,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
         print("mean ± std over splits: " + ", ".join(
             f"{k} {100 * v['mean']:.2f} ± {100 * v['std']:.2f}" for k, v in s.items()))
     for r in out["splits"]:
+        if r.get("note"):
+            print(f"note: {Path(r['run']).name}: {r['note']}")
+    for r in out["splits"]:
         if "saved_to" in r:
             print(f"saved {r['saved_to']}", file=sys.stderr)
     return 0

@@ -27,6 +27,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.run) / "report"
     md = write_report(out, a, base, find_segments(store), num_videos=args.videos,
                       title=f"catnet report: {args.run}")
+    for x in (base, a):
+        if x is not None and x.note:
+            print(f"note: {x.name}: {x.note}")
     print(f"report written to {md}", file=sys.stderr)
     print(md)
     return 0

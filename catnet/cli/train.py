@@ -18,19 +18,38 @@ from catnet.utils.io import to_json
 
 # Each flag is optional and, when given, overrides the preset.
 FLAGS = {
-    "--head": Flag("head", "catnet (default), local, avgpool, attention_clusters, netvlad, lstm"),
-    "--epochs": Flag("epochs", "training epochs (paper: 90)"),
-    "--batch-size": Flag("batch_size", "videos per step over all processes (paper: 64)"),
-    "--lr": Flag("lr", "initial learning rate (paper: 0.01)"),
-    "--momentum": Flag("momentum", "SGD momentum (paper: 0.9)"),
-    "--weight-decay": Flag("weight_decay", "SGD weight decay (default 1e-4)"),
+    "--head": Flag("head", "catnet (default), local, avgpool, attention_clusters, netvlad, lstm, or linear "
+                   "(the reference: a linear classifier on the mean clip feature)"),
+    "--epochs": Flag("epochs", "training epochs (default: max(90, enough for --min-steps steps))"),
+    "--min-steps": Flag("min_steps", "without --epochs: train at least this many steps (default 1000)"),
+    "--batch-size": Flag("batch_size", "videos per step over all processes (default 64, as the paper)"),
+    "--optimizer": Flag("optimizer", "sgd (default) or adamw (then give its own --lr and --weight-decay)"),
+    "--lr": Flag("lr", "peak learning rate (default 0.1; the paper: 0.01)"),
+    "--momentum": Flag("momentum", "SGD momentum (default 0.9)"),
+    "--nesterov": Flag("nesterov", "Nesterov momentum (default: on)"),
+    "--weight-decay": Flag("weight_decay", "weight decay (default 5e-3)"),
+    "--schedule": Flag("schedule", "cosine (default: per step, after a warmup) or step (the paper's: "
+                       "x --lr-gamma every --lr-step epochs)"),
+    "--warmup-epochs": Flag("warmup_epochs", "linear warmup length in epochs (default: --warmup-fraction)"),
+    "--warmup-fraction": Flag("warmup_fraction", "linear warmup as a share of all steps (default 0.05)"),
+    "--lr-step": Flag("lr_step", "with --schedule step: x --lr-gamma every this many epochs (paper: 30)"),
+    "--lr-gamma": Flag("lr_gamma", "with --schedule step: the decay factor (paper: 0.1)"),
+    "--label-smoothing": Flag("label_smoothing", "label smoothing of the cross-entropy (default 0)"),
+    "--class-weights": Flag("class_weights", "balanced: weight the loss by inverse class frequency"),
+    "--sampler": Flag("sampler", "balanced: draw every class equally often (with replacement)"),
+    "--early-stop": Flag("early_stop", "stop after this many epochs without a better validation top-1 "
+                         "(default 0: off)"),
+    "--standardize": Flag("standardize", "standardise clip features by the training videos' mean/std, "
+                          "stored in the run (default: on)"),
     "--dropout": Flag("dropout", "dropout before the classifier (default: the head's, 0.5)"),
-    "--lr-step": Flag("lr_step", "multiply the lr by --lr-gamma every this many epochs (paper: 30)"),
-    "--lr-gamma": Flag("lr_gamma", "lr decay factor (paper: 0.1)"),
     "--train-views": Flag("train_views", "random clip views per video while training (default 10)"),
     "--train-split": Flag("train_split", "store split to train on (default train)"),
-    "--val-split": Flag("val_split", "store split to validate on (default test, else val; 'none': skip)"),
-    "--holdout-fraction": Flag("holdout_fraction", "held-out share per class for stores without splits"),
+    "--val-split": Flag("val_split", "split that selects the checkpoint (default: val, else a held-out "
+                        "part of train; 'test' only if you mean it; 'none': skip)"),
+    "--holdout-fraction": Flag("holdout_fraction", "share of each class's training groups held out when "
+                               "there is no val split (default 0.1)"),
+    "--eval-every": Flag("eval_every", "validate every this many epochs and after the last (default: "
+                         "about 30 times per run)"),
     "--eval-batch-size": Flag("eval_batch_size", "videos per validation batch (all views)"),
     "--seed": Flag("seed", "seed for init, data order, view subsets and dropout"),
     "--num-workers": Flag("num_workers", "DataLoader worker processes (default 0)"),

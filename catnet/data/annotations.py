@@ -2,9 +2,17 @@
 
 Every reader returns `Annotations(items, classes, missing)`: `items` are videos found on disk, `missing`
 those listed but not found (reported, never fatal; `check_files=False` skips the check and keeps all).
-Video paths are absolute. A path that an annotation file would place outside the dataset root
-(`../`, or an absolute path elsewhere) raises CatnetError: annotation files are untrusted input.
-The check is lexical, so symlinks that the dataset's owner placed inside the root still work.
+Video paths are absolute. The dataset formats (Kinetics CSVs, UCF101 and HMDB51 split files) name videos
+relative to the dataset root, so a path they would place outside it (`../`, or an absolute path
+elsewhere) raises CatnetError: they are downloaded, untrusted input. The check is lexical, so symlinks
+that the dataset's owner placed inside the root still work. A plain CSV is the user's own list: its
+paths may be absolute or lead anywhere (`..`), relative ones resolved against `root` (default: the
+CSV's folder).
+
+Items carry a `group` where the names say which source video a clip was cut from, so that splits can
+keep a source video on one side (catnet.engine.splits): UCF101 `v_<Class>_gGG_cCC` -> `<Class>_gGG`;
+HMDB51 `<source>_<class>_<body>_<camera>_np<n>_<view>_<quality>_<clip>` -> `<source>`; Kinetics
+`youtube_id`; a plain CSV's `group` column. Other names give no group (each video is its own).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ class VideoItem:
     path: Path  # absolute
     label: str | None  # None: unlabelled (e.g. the Kinetics test set)
     split: str | None = None  # "train" / "val" / "test"
+    group: str | None = None  # the source video the clip was cut from, when known
 
 
 @dataclass
@@ -50,15 +59,45 @@ def _split_name(raw: str | None) -> str | None:
     return name
 
 
-def safe_join(root: Path, rel: str, where: str) -> Path:
-    """root / rel, refusing anything that would leave root (`where` names the offending line)."""
+def _video_path(root: Path, rel: str, where: str) -> tuple[str, str]:
+    """(the normalised absolute path of `rel` under `root`, root's absolute path); refuses a path that
+    is empty or names a folder rather than a video file (".", "clips/")."""
     base = os.path.abspath(root)
     if not rel or "\x00" in rel:
         raise CatnetError(f"{where}: empty or invalid path {rel!r}")
-    path = os.path.normpath(os.path.join(base, rel))  # an absolute `rel` replaces base, then gets checked
-    if path != base and not path.startswith(base.rstrip(os.sep) + os.sep):
-        raise CatnetError(f"{where}: path {rel!r} is outside the dataset root {base}")
+    path = os.path.normpath(os.path.join(base, rel))  # an absolute `rel` replaces base
+    if path == base or rel.rstrip().endswith(("/", os.sep)) or os.path.basename(path) in (".", ".."):
+        raise CatnetError(f"{where}: path {rel!r} names a folder, not a video file")
+    return path, base
+
+
+def safe_join(root: Path, rel: str, where: str) -> Path:
+    """root / rel for the dataset formats, refusing anything that would leave root (`where` names the
+    offending line)."""
+    path, base = _video_path(root, rel, where)
+    if not path.startswith(base.rstrip(os.sep) + os.sep):
+        raise CatnetError(f"{where}: path {rel!r} is outside the dataset root {base} (UCF101, HMDB51 and "
+                          "Kinetics lists are meant to be relative to it; pass --root to say where it is)")
     return Path(path)
+
+
+UCF_NAME = re.compile(r"^v_(?P<cls>[A-Za-z0-9]+)_g(?P<group>\d+)_c\d+$")
+# HMDB51: <source>_<class>_<body part f|h|u|l>_<camera cm|nm>_np<people>_<view fr|ba|le|ri>_<quality>_<clip>
+HMDB_TAGS = r"_[fhul]_(?:cm|nm)_np\d+_(?:fr|ba|le|ri)_(?:bad|med|goo)_\d+$"
+
+
+def name_group(name: str, label: str | None = None) -> str | None:
+    """The source video a clip file `name` (no folder, no suffix) was cut from, by the UCF101 or HMDB51
+    naming rule (HMDB51's needs the class `label`, which sits inside the name); None when neither
+    applies. No looser rule (e.g. any trailing "_<n>"): "run_2024" may as well be its own video."""
+    m = UCF_NAME.match(name)
+    if m:
+        return f"{m['cls']}_g{m['group']}"
+    if label:
+        m = re.match(rf"^(?P<source>.+)_{re.escape(label)}{HMDB_TAGS}", name)
+        if m:
+            return m["source"]
+    return None
 
 
 def _finish(items: list[VideoItem], classes: list[str], check_files: bool) -> Annotations:
@@ -126,10 +165,11 @@ def read_kinetics(csv_path: str | os.PathLike, root: str | os.PathLike | None = 
         if len(row) < len(header):
             raise CatnetError(f"{where}: expected {len(header)} columns, got {len(row)}")
         ytid = row[col["youtube_id"]].strip()
-        try:
+        try:  # int(inf) is an OverflowError, int(nan) a ValueError
             start, end = int(float(row[col["time_start"]])), int(float(row[col["time_end"]]))
-        except ValueError:
-            raise CatnetError(f"{where}: time_start/time_end must be numbers") from None
+        except (ValueError, OverflowError):
+            raise CatnetError(f"{where}: time_start/time_end must be finite numbers, got "
+                              f"{row[col['time_start']]!r}, {row[col['time_end']]!r}") from None
         label = row[col["label"]].strip() if "label" in col else None
         raw_split = row[col["split"]].strip() if "split" in col else ""
         split = _split_name(raw_split)
@@ -141,7 +181,7 @@ def read_kinetics(csv_path: str | os.PathLike, root: str | os.PathLike | None = 
         expected = safe_join(root, "/".join([*parts, vid + ".mp4"]), where)
         if ytid != Path(ytid).name:
             raise CatnetError(f"{where}: youtube_id {ytid!r} is not a plain name")
-        item = VideoItem(vid, expected, label or None, split)
+        item = VideoItem(vid, expected, label or None, split, group=ytid)  # clips of one YouTube video
         found = index.get(vid) or index.get(ytid)
         if found:
             # prefer the copy in the row's own split/label folder; paths in the index are inside root
@@ -162,7 +202,7 @@ def read_ucf101(split_dir: str | os.PathLike, root: str | os.PathLike | None = N
                 check_files: bool = True) -> Annotations:
     """UCF101 split files: classInd.txt ("1 ApplyEyeMakeup"), trainlist0N.txt ("Class/v_x.avi 1") and
     testlist0N.txt ("Class/v_x.avi"). Video paths are relative to `root` (default: split_dir's parent).
-    Classes follow classInd order; ids are the relative paths without suffix."""
+    Classes follow classInd order; ids are the relative paths without suffix; groups `<Class>_gGG`."""
     split_dir = Path(split_dir)
     root = Path(root) if root is not None else split_dir.parent
     if split_id not in (1, 2, 3):
@@ -198,7 +238,8 @@ def read_ucf101(split_dir: str | os.PathLike, root: str | os.PathLike | None = N
                 label = folder_to_class.get(Path(rel).parts[0].lower()) if len(Path(rel).parts) > 1 else None
                 if label is None:
                     raise CatnetError(f"{where}: cannot tell the class of {rel!r}")
-            items.append(VideoItem(_rel_id(rel), safe_join(root, rel, where), label, split))
+            items.append(VideoItem(_rel_id(rel), safe_join(root, rel, where), label, split,
+                                   group=name_group(Path(rel).stem)))
     return _finish(items, classes, check_files)
 
 
@@ -208,7 +249,8 @@ HMDB_SPLIT = re.compile(r"^(?P<cls>.+)_test_split(?P<n>\d)\.txt$")
 def read_hmdb51(split_dir: str | os.PathLike, root: str | os.PathLike | None = None, split_id: int = 1,
                 check_files: bool = True) -> Annotations:
     """HMDB51 split files <class>_test_split<N>.txt, lines "<video> <flag>" with flag 1 = train,
-    2 = test, 0 = unused (skipped). Videos live in root/<class>/<video>. Classes are sorted."""
+    2 = test, 0 = unused (skipped). Videos live in root/<class>/<video>. Classes are sorted. A clip's
+    group is its source video: the name before `_<class>_<tags>_<clip>` (`name_group`)."""
     split_dir = Path(split_dir)
     root = Path(root) if root is not None else split_dir.parent
     files = sorted(p for p in split_dir.glob(f"*_test_split{split_id}.txt") if HMDB_SPLIT.match(p.name))
@@ -229,7 +271,8 @@ def read_hmdb51(split_dir: str | os.PathLike, root: str | os.PathLike | None = N
                 continue
             rel = f"{cls}/{parts[0]}"
             split = "train" if parts[1] == "1" else "test"
-            items.append(VideoItem(_rel_id(rel), safe_join(root, rel, where), cls, split))
+            items.append(VideoItem(_rel_id(rel), safe_join(root, rel, where), cls, split,
+                                   group=name_group(Path(parts[0]).stem, cls)))
     return _finish(items, classes, check_files)
 
 
@@ -246,7 +289,8 @@ def read_folder(root: str | os.PathLike, unlabelled: bool = False) -> Annotation
 
     Ids are relative paths without suffix ("class/name"). Videos directly in root have no class: they
     are skipped, or listed with label None when `unlabelled`. Two files mapping to one id ("a.mp4"
-    next to "a.avi") are refused.
+    next to "a.avi") are refused. Groups follow the UCF101 / HMDB51 names (`name_group`); any other
+    video is its own group.
     """
     root = Path(os.path.abspath(root))
     items, seen = [], {}
@@ -260,7 +304,8 @@ def read_folder(root: str | os.PathLike, unlabelled: bool = False) -> Annotation
         if vid in seen:
             raise CatnetError(f"two videos map to id {vid!r}: {seen[vid]} and {p}; rename one")
         seen[vid] = p
-        items.append(VideoItem(vid, p, rel.parts[0] if len(rel.parts) > 1 else None, None))
+        label = rel.parts[0] if len(rel.parts) > 1 else None
+        items.append(VideoItem(vid, p, label, None, group=name_group(p.stem, label)))
     classes = sorted({it.label for it in items if it.label})  # a folder without videos is not a class
     if not items:
         where = "" if unlabelled else " in class folders"
@@ -277,24 +322,48 @@ def _read_csv_rows(path: Path) -> list[list[str]]:
         raise CatnetError(f"cannot read {path}: {e}") from None
 
 
+CSV_COLUMNS = ("path", "label", "split", "group")
+
+
+def _csv_layout(rows: list[list[str]], csv_path: Path) -> tuple[dict[str, int], int]:
+    """Column name -> index, and the first data row. A header row names its columns (any order, `path`
+    required); without one the columns are path,label[,split[,group]]."""
+    first = [c.lower() for c in rows[0]] if rows else []
+    if "path" not in first:
+        return {name: i for i, name in enumerate(CSV_COLUMNS)}, 0
+    unknown = [c for c in first if c not in CSV_COLUMNS]
+    if unknown or len(set(first)) != len(first):
+        raise CatnetError(f"{csv_path.name} line 1: header columns must be distinct names among "
+                          f"{', '.join(CSV_COLUMNS)}; got {', '.join(rows[0])}")
+    return {name: i for i, name in enumerate(first)}, 1
+
+
 def read_csv(csv_path: str | os.PathLike, root: str | os.PathLike | None = None,
              check_files: bool = True) -> Annotations:
-    """Plain CSV rows path,label[,split] (an optional header row starts with "path"). Paths are relative
-    to `root` (default: the CSV's folder); an empty label means unlabelled. Classes are sorted labels."""
+    """Plain CSV rows path,label[,split[,group]], or any order under a header row naming them. Relative
+    paths are resolved against `root` (default: the CSV's folder); absolute ones and ones outside the
+    root are accepted (the user's own list). An empty label means unlabelled. `group` names the source
+    video (clips of one never straddle train and validation); without it the UCF101 / HMDB51 naming
+    rules apply (`name_group`). Ids are paths relative to the root without suffix (absolute outside it).
+    Classes are sorted labels."""
     csv_path = Path(csv_path)
     root = Path(os.path.abspath(root if root is not None else csv_path.parent))
     rows = _read_csv_rows(csv_path)
-    start = 1 if rows and rows[0][0].lower() == "path" else 0
+    col, start = _csv_layout(rows, csv_path)
+    width = len(rows[0]) if start else len(CSV_COLUMNS)
+    layout = ",".join(rows[0]) if start else "path,label[,split[,group]]"
     items = []
     for n, row in enumerate(rows[start:], start=start + 1):
         where = f"{csv_path.name} line {n}"
-        if len(row) not in (1, 2, 3):
-            raise CatnetError(f"{where}: expected path,label[,split], got {len(row)} columns")
-        rel = row[0]
-        label = row[1] if len(row) > 1 and row[1] else None
-        split = _split_name(row[2]) if len(row) > 2 else None
-        path = safe_join(root, rel, where)
-        items.append(VideoItem(_rel_id(path.relative_to(root).as_posix()), path, label, split))
+        if not 1 <= len(row) <= width:
+            raise CatnetError(f"{where}: expected {layout}, got {len(row)} columns")
+        cell = {name: row[i] for name, i in col.items() if i < len(row)}
+        path, base = _video_path(root, cell.get("path", ""), where)
+        label = cell.get("label") or None
+        inside = path.startswith(base.rstrip(os.sep) + os.sep)
+        vid = _rel_id(os.path.relpath(path, base) if inside else path)
+        group = cell.get("group") or name_group(Path(path).stem, label)
+        items.append(VideoItem(vid, Path(path), label, _split_name(cell.get("split")), group=group))
     if not items:
         raise CatnetError(f"{csv_path}: lists no videos")
     classes = sorted({it.label for it in items if it.label})

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from catnet.engine.metrics import MetricAccumulator
 from catnet.engine.runs import load_run
-from catnet.engine.splits import resolve_split
+from catnet.engine.splits import resolve_split, selection, selection_note
 from catnet.errors import CatnetError
 from catnet.features.loader import (
     check_finite,
@@ -156,12 +156,17 @@ def save_eval(result: dict[str, Any], folder: Path) -> Path:
 def evaluate_run(run_dir: str | Path, store: str | Path, split: str | None = None, *, which: str = "best",
                  batch_size: int = 64, device: str = "cpu", num_workers: int = 0, progress: bool = False,
                  save: bool = True) -> dict[str, Any]:
-    """Load a run's checkpoint, evaluate it on `store`, save under RUN/eval/<store-name>/<split>/."""
+    """Load a run's checkpoint, evaluate it on `store`, save under RUN/eval/<store-name>/<split>/.
+
+    `selected_on` is the split that chose the run's checkpoint; `selected_on_measured_split` (with a
+    one-line `note`) says whether these numbers were selected on the split they measure."""
     head, info = load_run(run_dir, which=which)
     store = FeatureStore(store)
     result = evaluate(head, store, split, classes=info["classes"], batch_size=batch_size, device=device,
                       num_workers=num_workers, progress=progress)
-    result.update(run=str(run_dir), checkpoint=which)
+    note = selection_note(info, which, result["split"])
+    result.update(run=str(run_dir), checkpoint=which, selected_on=selection(info)[0],
+                  selected_on_measured_split=note is not None, note=note)
     if save and dist.is_main():
         folder = Path(run_dir) / "eval" / store.root.name / result["split"]
         result["saved_to"] = str(save_eval(result, folder))

@@ -25,7 +25,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -58,7 +57,10 @@ class FinetuneConfig(Recipe):
     """One backbone fine-tuning run: the recipe (Recipe) plus the backbone, its initial weights and the
     clips. Paper values where it gives them (Sec. 4.1); the rest are marked."""
 
+    # The paper's schedule, spelled out: Recipe's defaults are the paper's, but this is what they mean here.
+    schedule: str = field(default="step", metadata=spec(choices=("step", "cosine")))
     source: str = ""  # folder of videos (one sub-folder per class) or an annotation file
+    root: str | None = None  # where an annotation file's relative paths start (default: its folder)
     backbone: str = field(default="i3d_r50", metadata=spec(choices=("i3d_r50", "i3d_inception")))
     backbone_options: dict[str, Any] = field(default_factory=dict)  # e.g. {variant: mmaction2} for i3d_r50
     checkpoint: str | None = None  # initial weights; the classifier is replaced for this dataset's classes
@@ -73,8 +75,9 @@ class FinetuneConfig(Recipe):
     eval_batch_size: int = field(default=30, metadata=spec(ge=1))  # views per forward pass at evaluation
     num_workers: int = field(default=4, metadata=spec(ge=0, le=64))  # decoding processes
 
-    RESUME_MUTABLE: ClassVar[tuple[str, ...]] = (*Recipe.RESUME_MUTABLE, "source", "num_workers",
+    RESUME_MUTABLE: ClassVar[tuple[str, ...]] = (*Recipe.RESUME_MUTABLE, "source", "root", "num_workers",
                                                  "eval_batch_size")
+    LEGACY: ClassVar[dict[str, Any]] = {**Recipe.LEGACY, "root": None}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -89,7 +92,7 @@ class FinetuneConfig(Recipe):
     @classmethod
     def upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
         """A FinetuneConfig dict in today's shape, from any earlier catnet's run.json."""
-        data = dict(data)
+        data = super().upgrade(data)
         for old, (part, key) in _V01_KEYS.items():
             if old in data:
                 data.setdefault(part, {})[key] = data.pop(old)
@@ -174,7 +177,7 @@ def select_splits(entries: list[VideoEntry], cfg: FinetuneConfig) -> SplitPlan:
     plan = plan_splits([entries[i].split for i in labelled], [entries[i].id for i in labelled],
                        np.array([entries[i].label for i in labelled]), train_split=cfg.train_split,
                        val_split=cfg.val_split, holdout_fraction=cfg.holdout_fraction,
-                       where=str(cfg.source))
+                       where=str(cfg.source), groups=[entries[i].group for i in labelled])
     return dataclasses.replace(plan, train=[labelled[i] for i in plan.train],
                                val=[labelled[i] for i in plan.val])
 
@@ -250,7 +253,11 @@ class BackboneJob(Job):
                  info: dist.DistInfo):
         self.cfg, self.entries, self.model, self.plan, self.info = cfg, entries, model, plan, info
         self.dataset = TrainClips(entries, cfg)
+        self.num_classes = model.num_classes
         self.what = f"fine-tuning {cfg.backbone} ({model.num_classes} classes)"
+
+    def train_labels(self) -> np.ndarray:
+        return np.array([self.entries[i].label for i in self.plan.train], dtype=np.int64)
 
     def batches(self, epoch: int, order: list[int], batch_size: int):
         self.dataset.set_epoch(epoch)
@@ -258,15 +265,16 @@ class BackboneJob(Job):
                                            num_workers=self.cfg.num_workers,
                                            pin_memory=self.info.device.startswith("cuda"))
 
-    def loss(self, net, batch, device):
+    def loss(self, net, batch, device, criterion):
         x, y = (t.to(device, non_blocking=True) for t in batch)
         logits = net(x).float()
         valid = (y != IGNORE).sum()
-        loss_sum = F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum")
-        # a batch of only failed clips steps with zero gradient
-        return loss_sum / valid.clamp_min(1), loss_sum, (logits.argmax(1) == y).sum(), valid
+        # the criterion's mean skips IGNORE (criterion.ignore_index); a batch of only failed clips steps
+        # with zero gradient rather than 0/0
+        loss = criterion(logits, y) if bool(valid) else logits.sum() * 0.0
+        return loss, loss.detach() * valid, (logits.argmax(1) == y).sum(), valid
 
-    def validate(self, epoch: int, last: bool):
+    def validate(self, epoch: int, last: bool, epochs: int):
         if (epoch + 1) % self.cfg.eval_every and not last:
             return None
         return evaluate_videos(self.model, self.entries, self.plan.val, self.cfg, self.info.device,
@@ -281,7 +289,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if not cfg.source or not cfg.out:
         raise CatnetError("a video source and an --out run folder are required")
     with dist.session(cfg.device) as info:
-        entries, classes = list_videos(cfg.source)
+        entries, classes = list_videos(cfg.source, root=cfg.root)
         if not classes:
             raise CatnetError(f"{cfg.source} has no class names; fine-tuning needs labelled videos")
         plan = select_splits(entries, cfg)

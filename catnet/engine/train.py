@@ -1,11 +1,15 @@
-"""Training a video-level head on a feature store: the paper's recipe (Sec. 4.1) through the one loop.
+"""Training a video-level head on a feature store through the one loop (catnet.engine.loop).
 
     result = train(TrainConfig(store="STORE", out="RUN", head="catnet"))
     torchrun --nproc_per_node=2 -m catnet train STORE --out RUN        # data parallel (gloo/NCCL)
 
-Defaults are the paper's: SGD momentum 0.9, lr 0.01 x0.1 every 30 epochs, 90 epochs, batch 64, the CATNet
-head with N = 32 and concatenation (Eq. 8). Training sees a random subset of each video's clip views,
-evaluation all of them. A run folder holds (docs/architecture.md):
+The defaults are one recipe for every head, from a few dozen videos to Kinetics size (docs/training.md,
+"The recipe"): SGD with Nesterov momentum, lr 0.1 with a warmup and a per-step cosine, weight decay
+5e-3, batch 64, at least 90 epochs and 1000 steps, and clip features standardised by the training
+videos' mean and std (buffers of the head, so eval, predict and export apply them too). The paper's
+schedule (lr 0.01, x0.1 every 30 of 90 epochs) is configs/kinetics400.yaml. The head defaults to CATNet,
+N = 32, concatenation (Eq. 8). Training sees a random subset of each video's clip views, evaluation all
+of them. A run folder holds (docs/architecture.md):
 
     RUN/run.json               head config, in_dim, classes, store manifest, this TrainConfig
     RUN/checkpoints/last.pt    model, optimiser, scheduler, RNG states, epoch (weights-only loadable)
@@ -25,7 +29,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from catnet.config import spec
@@ -49,8 +52,15 @@ from catnet.version import __version__
 
 @dataclass
 class TrainConfig(Recipe):
-    """One head-training run: the recipe (Recipe) plus the store, the head and how views are drawn."""
+    """One head-training run: the recipe (Recipe, with the defaults of docs/training.md "The recipe"
+    instead of the paper's) plus the store, the head and how views are drawn."""
 
+    epochs: int | None = field(default=None, metadata=spec(ge=1))  # max(90, ceil(min_steps / steps))
+    lr: float = field(default=0.1, metadata=spec(gt=0))
+    nesterov: bool = True
+    weight_decay: float = field(default=5e-3, metadata=spec(ge=0))
+    schedule: str = field(default="cosine", metadata=spec(choices=("step", "cosine")))
+    warmup_fraction: float = field(default=0.05, metadata=spec(ge=0, lt=1))
     store: str = ""
     head: str | None = None  # None: "catnet", or the --init-from run's head
     head_options: dict[str, Any] = field(default_factory=dict)  # e.g. {num_heads: 32, aggregation: concat}
@@ -60,10 +70,16 @@ class TrainConfig(Recipe):
     # features" without a number; 10 = a third of the 30 views (10 clips x 3 crops) it extracts.
     train_views: int = field(default=10, metadata=spec(ge=1))
     eval_batch_size: int = field(default=64, metadata=spec(ge=1))
+    # validate every this many epochs and after the last; None: about 30 times per run (every epoch of
+    # a 30-epoch run, every 12th of a tiny store's 334)
+    eval_every: int | None = field(default=None, metadata=spec(ge=1))
     num_workers: int = field(default=0, metadata=spec(ge=0, le=64))
     init_from: str | None = None  # a run folder: transfer all but the classifier (paper Sec. 4.3)
+    # standardise clip features by the training videos' per-dimension mean and std, held by the head
+    standardize: bool = True
 
     RESUME_MUTABLE: ClassVar[tuple[str, ...]] = (*Recipe.RESUME_MUTABLE, "store", "num_workers")
+    LEGACY: ClassVar[dict[str, Any]] = {**Recipe.LEGACY, "standardize": False, "eval_every": 1}
 
 
 def build_train_head(cfg: TrainConfig, in_dim: int, num_classes: int) -> tuple[nn.Module, dict | None]:
@@ -76,11 +92,35 @@ def build_train_head(cfg: TrainConfig, in_dim: int, num_classes: int) -> tuple[n
         if cfg.head is not None and cfg.head != head.config.name:
             raise CatnetError(f"--head {cfg.head} but the --init-from run has a {head.config.name!r} head")
         return head, {"run": str(cfg.init_from), "classes": src["classes"], "head": src["head"]["name"]}
-    options = dict(cfg.head_options)
+    if "standardize" in cfg.head_options:
+        raise CatnetError("standardisation is a training setting: use --standardize / --no-standardize, "
+                          "not --head-opt standardize")
+    options = {**cfg.head_options, "standardize": cfg.standardize}
     if cfg.dropout is not None:
         options["dropout"] = cfg.dropout
     return build_head(cfg.head or "catnet", in_dim, num_classes, **options), None
 
+
+def feature_stats(store: FeatureStore, indices: list[int], info: dist.DistInfo) -> tuple[np.ndarray,
+                                                                                      np.ndarray]:
+    """Per-dimension mean and std of every view of the `indices` videos, read one video at a time (the
+    store is never loaded whole) and sharded over ranks. Near-constant dimensions (dead ReLU channels)
+    get a floor on their std rather than a blow-up."""
+    d = store_feature_dim(store)
+    acc = np.zeros(2 * d + 1)
+    for i in indices[info.rank:: info.world_size]:
+        x = store.read_features(i).astype(np.float64)
+        acc[:d] += x.sum(0)
+        acc[d:2 * d] += np.square(x).sum(0)
+        acc[-1] += len(x)
+    acc = dist.all_reduce_sum(torch.from_numpy(acc)).numpy()
+    n = max(acc[-1], 1.0)
+    mean = acc[:d] / n
+    std = np.sqrt(np.maximum(acc[d:2 * d] / n - np.square(mean), 0.0))
+    return mean, np.maximum(std, max(1e-3 * float(std.mean()), 1e-6))
+
+
+VALIDATIONS = 30  # per run, when eval_every is not set
 
 # Manifest entries that say how a store's features were made; a resumed run must not change them.
 FEATURE_KEYS = ("backbone", "weights_id", "num_features", "sampling", "spatial")
@@ -94,21 +134,28 @@ class HeadJob(Job):
         self.cfg, self.store, self.labels, self.plan, self.info = cfg, store, labels, plan, info
         self.model = head
         c = head.config
+        self.num_classes = c.num_classes
         self.what = f"training {c.name} ({c.num_classes} classes, {c.in_dim}-d)"
+
+    def train_labels(self) -> np.ndarray:
+        return self.labels[self.plan.train]
 
     def batches(self, epoch: int, order: list[int], batch_size: int):
         return feature_loader(self.store, self.labels, order, batch_size, self.cfg.num_workers,
                               max_views=self.cfg.train_views, seed=self.cfg.seed, epoch=epoch)
 
-    def loss(self, net, batch, device):
+    def loss(self, net, batch, device, criterion):
         check_finite(batch, self.store, collective=self.info.world_size > 1)
         x, mask, y = (batch[k].to(device) for k in ("x", "mask", "label"))
         logits = net(x, mask).float()
-        loss = F.cross_entropy(logits, y)
+        loss = criterion(logits, y)
         n = torch.tensor(y.numel(), device=y.device)
         return loss, loss.detach() * n, (logits.argmax(1) == y).sum(), n
 
-    def validate(self, epoch: int, last: bool):
+    def validate(self, epoch: int, last: bool, epochs: int):
+        every = self.cfg.eval_every or max(1, -(-epochs // VALIDATIONS))
+        if (epoch + 1) % every and not last:
+            return None
         return evaluate_indices(self.model, self.store, self.labels, self.plan.val,
                                 batch_size=self.cfg.eval_batch_size, device=self.info.device,
                                 num_workers=self.cfg.num_workers, num_classes=self.model.config.num_classes,
@@ -145,6 +192,9 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, store: FeatureStore, classes: 
     head, init_from = build_train_head(cfg, in_dim, len(classes))
     if head.config.in_dim != in_dim:
         raise CatnetError(f"head expects {head.config.in_dim}-d features, store has {in_dim}-d")
+    standardized = head.config.standardize and init_from is None
+    if standardized and prev is None:  # a resumed run reloads its statistics with the weights
+        head.set_standardization(*(torch.from_numpy(a) for a in feature_stats(store, plan.train, info)))
     run_info = {"catnet_version": __version__,
                 "head": {"name": head.config.name, "options": dict(cfg.head_options),
                          "config": dataclasses.asdict(head.config)},
@@ -152,5 +202,9 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, store: FeatureStore, classes: 
                 "store": {"path": str(Path(store.root).resolve()), "manifest": store.manifest},
                 "splits": {"train": plan.train_name, "val": plan.val_name, "num_train": len(plan.train),
                            "num_val": len(plan.val)},
+                # the split whose training videos (hold-out excluded) gave the head's input mean/std:
+                # "" = a store without split names; "init_from" = the source run's statistics
+                "standardized_on": (plan.train_name if standardized
+                                    else "init_from" if head.config.standardize else None),
                 "init_from": init_from}
     return fit(HeadJob(cfg, store, labels, head, plan, info), cfg, info, plan, run_info, prev, "train")

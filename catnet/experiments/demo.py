@@ -31,7 +31,7 @@ from catnet.engine.splits import resolve_split
 from catnet.engine.train import TrainConfig
 from catnet.errors import CatnetError
 from catnet.experiments.report import analyse, attention_on_action, find_segments, write_report
-from catnet.experiments.stages import Row, cached_store, derived_store, rows_of, train_cached
+from catnet.experiments.stages import cached_store, train_cached
 from catnet.experiments.variants import (
     AGGREGATIONS,
     PAPER_TABLE2,
@@ -43,7 +43,6 @@ from catnet.experiments.variants import (
 )
 from catnet.features.extract import ExtractConfig
 from catnet.features.store import FeatureStore
-from catnet.heads import CATNetConfig
 from catnet.utils.io import atomic_write_json
 from catnet.video import ClipSampling, SpatialConfig
 
@@ -61,9 +60,8 @@ def _extract() -> ExtractConfig:
 
 
 def _train() -> TrainConfig:
-    # the paper's recipe (SGD momentum 0.9, lr x0.1 steps), shortened
-    return TrainConfig(epochs=10, batch_size=16, lr=0.03, lr_step=8, train_views=8, device="cpu",
-                       progress=False)
+    # the library's recipe, as `catnet train STORE` runs it with no flags (docs/training.md)
+    return TrainConfig(device="cpu", progress=False)
 
 
 @dataclass
@@ -76,14 +74,6 @@ class DemoConfig:
     synth: SynthConfig = field(default_factory=_synth)
     extract: ExtractConfig = field(default_factory=_extract)
     train: TrainConfig = field(default_factory=_train)
-    # Standardise every clip feature with the training split's per-dimension mean and std before the heads.
-    # Raw I3D features share a large positive mean, so FC-Norm's L2 normalisation (Eq. 4) maps every video
-    # to nearly the same direction; centring them first lets the normalised heads learn at all.
-    standardise: bool = True
-    # The learning rate of heads whose classifier sees L2-normalised vectors (FC-Norm, Attention Clusters'
-    # shifting): unit-norm inputs give small logits and need a far larger step. `train.lr` is the others'.
-    # Both picked on a held-out part of the train split.
-    lr_normalised: float = 1.0
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     table2_heads: list[int] = field(default_factory=lambda: [1, 4, 16, 32])
     report_videos: int = 6
@@ -99,7 +89,7 @@ TINY: dict[str, Any] = {
               "max_frames": 24},
     "extract": {"pretrained": False, "sampling": {"num_clips": 3, "clip_len": 4, "stride": 1},
                 "spatial": {"short_side": 40, "crop": 32}, "workers": 0},
-    "train": {"epochs": 2, "batch_size": 4, "lr": 0.05, "lr_step": 10, "train_views": 3},
+    "train": {"epochs": 2, "batch_size": 4, "train_views": 3},
     "seeds": [0], "table2_heads": [1], "report_videos": 2}
 
 
@@ -117,40 +107,10 @@ def variants(cfg: DemoConfig) -> tuple[list[tuple[str, dict]], list[tuple[str, d
 # ------------------------------------------------------------------------------------------ stages
 
 
-def standardise_store(src: Path, split: str = "train") -> Path:
-    """A copy of store `src` (beside it, `-std` suffix) with every clip feature standardised by the
-    per-dimension mean and std of the `split` videos' clips; reused when already complete."""
-    fs = FeatureStore(src)
-    idx = fs.split(split)
-    if not idx:
-        raise CatnetError(f"store {src} has no {split!r} videos to take feature statistics from")
-    dst = src.with_name(src.name + "-std")
-
-    def rows():
-        x = np.concatenate([fs[i].features for i in idx]).astype(np.float64)
-        mean, std = x.mean(0), x.std(0)
-        std = np.maximum(std, 1e-3 * std.mean())  # dead ReLU channels: no blow-up
-        for r in rows_of(fs):
-            yield Row(r.id, ((r.features - mean) / std).astype(np.float32), r.times, r.label, r.split, r.path,
-                      r.num_crops)
-        np.savez(dst / "stats.npz", mean=mean, std=std)  # to standardise new videos the same way
-
-    manifest = {**fs.manifest, "standardised": {"split": split, "from": src.name}}
-    info = {"source": str(src), "split": split, "videos": len(fs)}
-    return derived_store(dst, manifest, rows, info, marker="standardised.json")[0]
-
-
-def head_lr(cfg: DemoConfig, name: str, opts: dict) -> float:
-    normalised = name == "attention_clusters" or (
-        name in ("catnet", "local") and opts.get("fc_norm", CATNetConfig.fc_norm))
-    return cfg.lr_normalised if normalised else cfg.train.lr
-
-
 def train_config(cfg: DemoConfig, store: Path, run_dir: Path, name: str, opts: dict,
                  seed: int) -> TrainConfig:
     return from_dict(TrainConfig, {**to_dict(cfg.train), "store": str(store), "out": str(run_dir),
-                                   "head": name, "head_options": dict(opts), "lr": head_lr(cfg, name, opts),
-                                   "seed": seed})
+                                   "head": name, "head_options": dict(opts), "seed": seed})
 
 
 def train_all(cfg: DemoConfig, store: Path, out: Path, jobs: list[tuple[str, dict, int]],
@@ -167,8 +127,8 @@ def train_all(cfg: DemoConfig, store: Path, out: Path, jobs: list[tuple[str, dic
 
 
 def evaluate_all(runs: dict[tuple[str, int], Path], store: Path) -> dict[tuple[str, int], dict[str, Any]]:
-    """Test-split metrics of each run's last checkpoint (the test split also served as validation during
-    training, so "best" would be chosen on the test set)."""
+    """Test-split metrics of each run's last checkpoint (the cosine schedule's end; nothing about it was
+    chosen on the test videos, which the runs never saw)."""
     out = {}
     for key, run_dir in runs.items():
         r = evaluate_run(run_dir, store, "test", which="last")
@@ -240,6 +200,15 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
 # ------------------------------------------------------------------------------------------ main
 
 
+def _recipe(t: TrainConfig) -> str:
+    length = f"{t.epochs} epochs" if t.epochs else f"at least 90 epochs and {t.min_steps} steps"
+    sched = (f"{t.warmup_fraction:.0%} warmup + cosine" if t.schedule == "cosine"
+             else f"x{t.lr_gamma} every {t.lr_step} epochs")
+    return (f"{t.optimizer.upper()}{' Nesterov' if t.nesterov and t.optimizer == 'sgd' else ''} lr {t.lr:g}, "
+            f"{sched}, weight decay {t.weight_decay:g}, batch {t.batch_size}, {length}"
+            f"{', features standardised by the training videos' if t.standardize else ''}")
+
+
 def _settings(cfg: DemoConfig) -> str:
     e, t, s = cfg.extract, cfg.train, cfg.synth
     weights = "Kinetics-400" if e.pretrained else "random"
@@ -248,9 +217,8 @@ def _settings(cfg: DemoConfig) -> str:
             f"weights), {e.sampling.num_clips} clips x {e.sampling.clip_len} frames (stride "
             f"{e.sampling.stride}) x {e.spatial.num_crops} crop(s) of {e.spatial.crop}px from a "
             f"{e.spatial.short_side}px short side (the paper: 10 x 32 frames, stride 4, 3 crops of 224)"
-            f"{', standardised by train-split statistics' if cfg.standardise else ''}; heads trained "
-            f"{t.epochs} epochs, batch {t.batch_size}, lr {t.lr} (raw-feature heads) / {cfg.lr_normalised} "
-            f"(L2-normalised heads) x{t.lr_gamma} every {t.lr_step}, {len(cfg.seeds)} seed(s); metrics from "
+            f"; heads trained with the library's recipe ({_recipe(t)}), {len(cfg.seeds)} seed(s), validating "
+            "on held-out training videos; metrics from "
             "the last checkpoint on the test split.")
 
 
@@ -309,8 +277,6 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     if result.failed or result.failed_before:
         raise CatnetError(f"{result.failed + result.failed_before} synthetic videos failed to extract; see "
                           f"{store}/failures")
-    if cfg.standardise:
-        store = standardise_store(store)
     stage("features")
 
     t1, t2 = variants(cfg)

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 
 from catnet.engine.evaluate import predict_store
 from catnet.engine.runs import load_run, read_history
-from catnet.engine.splits import resolve_split
+from catnet.engine.splits import resolve_split, selection_note
 from catnet.errors import CatnetError
 from catnet.experiments.variants import variant_label
 from catnet.features.loader import mapped_labels
@@ -47,6 +47,8 @@ class Analysis:
     times: list[np.ndarray]  # per video (K, 2) clip start/end seconds
     clip_weights: list[np.ndarray] | None  # per video (K,) sum over heads (and crops) of alpha
     history: list[dict[str, float]] = field(default_factory=list)  # metrics.csv rows
+    # set when the checkpoint was selected on the split analysed (catnet.engine.splits.selection_note)
+    note: str | None = None
 
     @property
     def preds(self) -> np.ndarray:
@@ -96,9 +98,11 @@ def analyse_run(run_dir: str | os.PathLike, store: str | os.PathLike | None = No
     if not store_path or not Path(store_path).is_dir():
         raise CatnetError(f"feature store {store_path} not found; pass --store")
     fs = FeatureStore(store_path)
-    _, indices = resolve_split(fs, split)
+    split, indices = resolve_split(fs, split)
     name = variant_label(info["head"]["name"], info["head"].get("options") or {})
-    return analyse(head, fs, indices, info["classes"], name, read_history(run_dir)), fs
+    a = analyse(head, fs, indices, info["classes"], name, read_history(run_dir))
+    a.note = selection_note(info, which, split)
+    return a, fs
 
 
 # ------------------------------------------------------------------------------------- segments
@@ -293,7 +297,10 @@ def write_report(out: str | os.PathLike, run: Analysis, baseline: Analysis | Non
     segments = segments or {}
     summary: dict[str, Any] = {"run": run.name, "n": len(run.ids), "top1": run.topk(1), "top5": run.topk(5),
                                "mean_class_acc": float(np.nanmean(run.per_class()))}
+    notes = [f"{a.name}: {a.note}" for a in (baseline, run) if a is not None and a.note]
+    summary["selected_on_measured_split"] = bool(notes)
     md = [f"# {title}", "", extra_md, "" if extra_md else "", "## Accuracy", "",
+          *[f"**Note** ({n})" for n in notes], "" if notes else "",
           "| model | videos | top-1 (%) | top-5 (%) | mean class acc (%) |", "|---|---|---|---|---|"]
     for a in [x for x in (baseline, run) if x is not None]:
         md.append(f"| {a.name} | {len(a.ids)} | {_pct(a.topk(1))} | {_pct(a.topk(5))} | "

@@ -87,7 +87,8 @@ def load_split(dataset: str, root: Path, annotations: Path | None,
         ann = load_annotations(src, root=root, fmt=fmt, split_id=split_id)
         classes += [c for c in ann.classes if c not in classes]
         missing += len(ann.missing)
-        items += [{"id": it.id, "path": str(Path(it.path).resolve()), "label": it.label, "split": it.split}
+        items += [{"id": it.id, "path": str(Path(it.path).resolve()), "label": it.label, "split": it.split,
+                   "group": it.group or ""}
                   for it in ann.items if it.label is not None and it.split in ("train", "val", "test")]
     if dataset == "kinetics400":
         classes = sorted(classes)  # the union over the CSVs, in the reader's (sorted) order
@@ -134,8 +135,8 @@ def finetune_backbone(cfg: ReproduceConfig, stride: int, split_id: int, items: l
     done = work / "reproduce_done.json"
     if done.is_file():
         return json.loads(done.read_text())["checkpoint"]
-    # The annotation reader refuses paths outside an annotation file's folder, so the list names the
-    # videos through a link to their folder placed beside it.
+    # The list names the videos through a link to their folder placed beside it, so that video ids stay
+    # short relative paths (absolute paths would be accepted too).
     work.mkdir(parents=True, exist_ok=True)
     link = work / "videos"
     if not link.is_symlink():
@@ -160,9 +161,9 @@ def finetune_backbone(cfg: ReproduceConfig, stride: int, split_id: int, items: l
 def _write_csv(path: Path, items: list[dict]) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "label", "split"])
+    w.writerow(["path", "label", "split", "group"])
     for it in items:
-        w.writerow([it["path"], it["label"], it["split"]])
+        w.writerow([it["path"], it["label"], it["split"], it.get("group", "")])
     atomic_write_text(path, buf.getvalue())
 
 
@@ -202,7 +203,8 @@ def split_store(base: Path, items: list[dict], classes: list[str], out: Path) ->
     def rows():
         for it, i in kept:
             v = src[i]
-            yield Row(it["id"], v.features, v.times, label_of[it["label"]], it["split"], v.path, v.num_crops)
+            yield Row(it["id"], v.features, v.times, label_of[it["label"]], it["split"], v.path, v.num_crops,
+                      it.get("group", ""))
 
     manifest = {**src.manifest, "classes": list(classes), "features_from": str(base)}
     info = {"left_out": len(items) - len(kept), "videos": len(kept)}
@@ -210,13 +212,15 @@ def split_store(base: Path, items: list[dict], classes: list[str], out: Path) ->
     return store, info["left_out"]
 
 
-def train_config(cfg: ReproduceConfig, store: Path, run_dir: Path, head: str, opts: dict, seed: int,
-                 eval_split: str) -> TrainConfig:
+def train_config(cfg: ReproduceConfig, store: Path, run_dir: Path, head: str, opts: dict,
+                 seed: int) -> TrainConfig:
+    """The preset's recipe for one head. Validation follows the preset (UCF101/HMDB51: held-out training
+    groups, never the test split that measures the result)."""
     preset = CONFIGS / f"{cfg.dataset}.yaml"
     data = load_yaml(preset) if preset.is_file() else {}
     preset_opts = data.pop("head_options", None) or {}
     data.pop("head", None)
-    data.update(store=str(store), out=str(run_dir), head=head, seed=seed, val_split=eval_split,
+    data.update(store=str(store), out=str(run_dir), head=head, seed=seed,
                 head_options={**(preset_opts if head == "catnet" else {}), **opts}, device=cfg.device,
                 progress=False)
     if cfg.epochs is not None:
@@ -288,7 +292,7 @@ def _split(cfg: ReproduceConfig, proto: Protocol, k: int, out: Path) -> dict[str
         for seed in range(cfg.seeds):
             run_dir = out / "runs" / f"split{k}" / h / f"seed{seed}"
             print(f"[reproduce] split {k}: training {h} (seed {seed})", file=sys.stderr)
-            train_run(cfg, train_config(cfg, store, run_dir, name, opts, seed, proto.eval_split))
+            train_run(cfg, train_config(cfg, store, run_dir, name, opts, seed))
             per_seed.append(evaluate_run(run_dir, store, proto.eval_split, which="last"))
         heads[h] = {m: float(np.mean([p[m] for p in per_seed])) for m in METRICS}
         heads[h]["n"] = per_seed[0]["n"]

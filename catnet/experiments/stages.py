@@ -36,6 +36,8 @@ def store_key(cfg: ExtractConfig, **extra: Any) -> str:
     """8 hex digits naming the settings that define the features (not speed knobs like workers)."""
     key = {"backbone": cfg.backbone, "pretrained": cfg.pretrained, "checkpoint": cfg.checkpoint,
            "sampling": to_dict(cfg.sampling), "spatial": to_dict(cfg.spatial), "seed": cfg.seed, **extra}
+    if cfg.dense is not None:  # only when set, so the keys of K-clip stores made earlier still match
+        key["dense"] = cfg.dense.to_dict()
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -57,6 +59,7 @@ class Row:
     split: str
     path: str
     num_crops: int
+    group: str = ""  # the source video, when known (catnet.engine.splits)
 
 
 def derived_store(dst: Path, manifest: dict[str, Any], rows: Callable[[], Iterable[Row]],
@@ -73,7 +76,8 @@ def derived_store(dst: Path, manifest: dict[str, Any], rows: Callable[[], Iterab
         shutil.rmtree(dst)
     with StoreWriter(dst, manifest, shard_size=64, flush_seconds=None, journal=False) as w:
         for r in rows():
-            w.add(r.id, r.features, r.times, label=r.label, split=r.split, path=r.path, num_crops=r.num_crops)
+            w.add(r.id, r.features, r.times, label=r.label, split=r.split, path=r.path, num_crops=r.num_crops,
+                  group=r.group)
     info = dict(info or {})
     atomic_write_json(marker, info)
     return dst, info
@@ -81,13 +85,22 @@ def derived_store(dst: Path, manifest: dict[str, Any], rows: Callable[[], Iterab
 
 def rows_of(store: FeatureStore) -> Iterable[Row]:
     """Every video of a store as a Row (features float32)."""
-    for v in store:
-        yield Row(v.id, v.features, v.times, v.label, v.split, v.path, v.num_crops)
+    for v, rec in zip(store, store.records(), strict=True):
+        yield Row(v.id, v.features, v.times, v.label, v.split, v.path, v.num_crops, rec.get("group", ""))
 
 
-def run_finished(run_dir: Path, epochs: int) -> bool:
-    hist = read_history(run_dir)
-    return (run_dir / CHECKPOINTS / "last.pt").is_file() and bool(hist) and hist[-1]["epoch"] >= epochs
+def run_finished(run_dir: Path, epochs: int | None) -> bool:
+    """Whether the run in `run_dir` has trained `epochs` epochs (None: its planned length), or stopped
+    early. Runs of catnet <= 0.2 (no "result" in run.json) are judged by metrics.csv."""
+    if not (run_dir / CHECKPOINTS / "last.pt").is_file() or not (run_dir / RUN_JSON).is_file():
+        return False
+    info = read_run_info(run_dir)
+    result = info.get("result")
+    if result is None:
+        hist = read_history(run_dir)
+        return bool(hist) and epochs is not None and hist[-1]["epoch"] >= epochs
+    planned = epochs or (info.get("schedule") or {}).get("epochs") or 0
+    return bool(result.get("stopped_early")) or result["epochs_run"] >= planned
 
 
 def train_cached(cfg: TrainConfig, log: str = "train.log") -> bool:

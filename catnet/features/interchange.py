@@ -75,6 +75,14 @@ def _safe_rel(video_id: str) -> str:
     return video_id
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # surrogate-escaped bytes of a non-UTF-8 file name
+        return False
+    return True
+
+
 def _inside(root: Path, rel: str, where: str) -> Path:
     """root / rel, lexically inside root (index files of an import are untrusted input)."""
     base = os.path.abspath(root)
@@ -144,6 +152,13 @@ def _estimate_fps(times: np.ndarray, span: int | None, hop: int | None) -> float
     return None
 
 
+def _recorded_fps(rec: dict[str, Any]) -> float | None:
+    """The frame rate `catnet extract` recorded for the video (the rate its rows are counted in)."""
+    fps = rec.get("fps")
+    ok = isinstance(fps, (int, float)) and not isinstance(fps, bool) and np.isfinite(fps) and fps > 0
+    return float(fps) if ok else None
+
+
 def _grid(sampling: dict[str, Any], rec: dict[str, Any], times: np.ndarray
           ) -> tuple[float | None, int | None, int | None]:
     """(fps, feature stride in frames, window in frames) of one video of a store.
@@ -155,7 +170,7 @@ def _grid(sampling: dict[str, Any], rec: dict[str, Any], times: np.ndarray
     if is_dense(sampling):
         ds = DenseSampling.from_dict(sampling)
         hop = ds.hop if ds.hop is not None else (None if ds.hop_seconds is not None else ds.span)
-        fps = rec.get("fps") or ds.fps or _estimate_fps(times, ds.span, hop)
+        fps = _recorded_fps(rec) or ds.fps or _estimate_fps(times, ds.span, hop)
         if hop is None and fps:
             hop = ds.hop_at(fps)
         return (float(fps) if fps else None), hop, ds.span
@@ -163,7 +178,7 @@ def _grid(sampling: dict[str, Any], rec: dict[str, Any], times: np.ndarray
         span = (int(sampling["clip_len"]) - 1) * int(sampling["stride"]) + 1
     except (KeyError, TypeError, ValueError):
         span = None
-    fps = rec.get("fps") or _estimate_fps(times, span, None)
+    fps = _recorded_fps(rec) or _estimate_fps(times, span, None)
     return (float(fps) if fps else None), None, span
 
 
@@ -191,6 +206,9 @@ class _ExportItem:
     entry: dict[str, Any]  # the index.json record
 
 
+_RECORD_KEYS = {"id", "path", "label", "split", "num_clips", "num_crops"}  # every store record's
+
+
 def _export_plan(store: FeatureStore, layout: str, fmt: str) -> list[_ExportItem]:
     records = store.records()
     classes = store.classes
@@ -198,6 +216,9 @@ def _export_plan(store: FeatureStore, layout: str, fmt: str) -> list[_ExportItem
     items, seen = [], {}
     for i, rec in enumerate(records):
         vid = _safe_rel(rec["id"])
+        if fmt == "hdf5" and not _is_utf8(vid):
+            raise CatnetError(f"video id {quoted(vid)} comes from a non-UTF-8 file name, and HDF5 names "
+                              "must be UTF-8; export with --format npy (file names keep their bytes)")
         name = vid.replace("/", "__") if layout == "actionformer" else vid
         if name in seen:
             raise CatnetError(f"video ids {quoted(seen[name])} and {quoted(vid)} both become file "
@@ -216,6 +237,9 @@ def _export_plan(store: FeatureStore, layout: str, fmt: str) -> list[_ExportItem
                  "times": [[_f32(a), _f32(b)] for a, b in times]}
         if layout == "actionformer" and crops > 1:
             entry["crops_averaged"] = crops
+        extra = {k: v for k, v in rec.items() if k not in _RECORD_KEYS}
+        if extra:  # what an import gives the record back (e.g. the fps a dense video was windowed at)
+            entry["record_extra"] = extra
         entry["file" if fmt == "npy" else "dataset"] = name + ".npy" if fmt == "npy" else name
         items.append(_ExportItem(i, rec, name, entry))
     return items
@@ -352,6 +376,7 @@ class _ImportItem:
     split: str = ""
     path: str = ""
     num_crops: int | None = None  # from the index; else from the array's shape
+    extra: dict[str, Any] | None = None  # the store record's other facts (e.g. fps), from the index
 
 
 def _load_npy(path: Path) -> Callable[[], np.ndarray]:
@@ -393,10 +418,13 @@ def _index_items(videos: Any, where: str, locate: Callable[[dict[str, Any]], tup
         if not isinstance(e, dict) or not isinstance(e.get("id"), str):
             raise CatnetError(f"{where}: entry {n} has no string 'id'")
         load, loc = locate(e)
+        extra = e.get("record_extra")
+        if extra is not None and not isinstance(extra, dict):
+            raise CatnetError(f"{where}: entry {n} ({quoted(e['id'])}): 'record_extra' is not an object")
         try:
             items.append(_ImportItem(e["id"], load, loc, times_of(e), int(e.get("label", -1)),
                                      str(e.get("split") or ""), str(e.get("path") or ""),
-                                     int(e.get("num_crops") or 1)))
+                                     int(e.get("num_crops") or 1), extra))
         except (TypeError, ValueError) as err:
             raise CatnetError(f"{where}: entry {n} ({quoted(e['id'])}): {err}") from None
     return items
@@ -542,6 +570,102 @@ def _check_rows(item: _ImportItem, arr: np.ndarray, dim: int | None, first: str 
     return rows, crops
 
 
+@dataclass
+class _ImportPlan:
+    """What an import writes: the items (labels applied), the class names, and where the manifest and
+    row times come from (a catnet export's metadata, else the foreign grid `sampling`)."""
+
+    source: Path
+    items: list[_ImportItem]
+    meta: dict[str, Any] | None
+    names: list[str]
+    relabelled: bool
+    sampling: DenseSampling | None
+    backbone: str | None
+    weights_id: str | None
+
+    def manifest(self, dim: int, first: str) -> dict[str, Any]:
+        if self.meta is not None:
+            manifest = dict(self.meta["manifest"])
+            if self.relabelled:
+                manifest["classes"] = self.names
+        else:
+            manifest = make_manifest(backbone=self.backbone or "unknown",
+                                     weights_id=self.weights_id or "unknown", num_features=dim,
+                                     sampling=self.sampling.to_dict(), spatial={}, classes=self.names,
+                                     imported_from=str(self.source.resolve()))
+        if manifest.get("num_features") != dim:
+            raise CatnetError(f"video {quoted(first)} has D = {dim} but the export's manifest says "
+                              f"{manifest.get('num_features')}")
+        return manifest
+
+    def times(self, it: _ImportItem, t: int) -> np.ndarray:
+        if it.times is not None:
+            return it.times
+        s = self.sampling
+        start = np.arange(t, dtype=np.float64) * s.hop
+        return np.stack([start / s.fps, (start + s.window) / s.fps], axis=1)
+
+
+def _check_unique(items: list[_ImportItem]) -> None:
+    seen: dict[str, str] = {}
+    for it in items:
+        if it.id in seen:
+            raise CatnetError(f"video id {quoted(it.id)} appears twice ({quoted(seen[it.id])}, "
+                              f"{quoted(it.where)})")
+        seen[it.id] = it.where
+
+
+def _apply_labels(items: list[_ImportItem], labels: str | os.PathLike | None, classes: Sequence[str] | None,
+                  meta: dict[str, Any] | None) -> list[str]:
+    """The class names of the new store; a labels CSV relabels (and re-splits) the items it lists."""
+    names = list(meta["manifest"].get("classes") or []) if meta else []
+    if labels is None:
+        return list(classes) if meta is None and classes is not None else names
+    table = read_labels_csv(labels, [it.id for it in items])
+    given = [x for x, _ in table.values() if x is not None]
+    names = list(classes) if classes is not None else sorted(set(given))
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise CatnetError(f"label {quoted(unknown[0])} (and {len(unknown) - 1} more) is not among "
+                          f"the {len(names)} classes given")
+    label_of = {c: i for i, c in enumerate(names)}
+    for it in items:
+        label, split = table.get(it.id, (None, None))
+        it.label = label_of[label] if label is not None else -1
+        if split is not None:
+            it.split = split
+    return names
+
+
+def _write_import(plan: _ImportPlan, tmp: Path, shard_size: int, bar, stack: contextlib.ExitStack
+                  ) -> dict[str, Any]:
+    """Check and write every item into the staged store `tmp`; one video in memory at a time."""
+    result = {"videos": 0, "labelled": 0, "feature_dim": None}
+    writer, dim, first, n = None, None, None, len(plan.names)
+    for it in plan.items:
+        if not -1 <= it.label < n:
+            raise CatnetError(f"video {quoted(it.id)}: label {it.label} is not one of the {n} classes")
+        rows, crops = _check_rows(it, np.asarray(it.load()), dim, first)
+        if writer is None:
+            dim, first = rows.shape[1], it.id
+            writer = stack.enter_context(StoreWriter(tmp, plan.manifest(dim, first), shard_size=shard_size,
+                                                     flush_seconds=None, journal=False))
+        writer.add(it.id, rows, plan.times(it, rows.shape[0] // crops), label=it.label, split=it.split,
+                   path=it.path, num_crops=crops, extra=it.extra)
+        result["videos"] += 1
+        result["labelled"] += it.label >= 0
+        bar.update(1)
+    if writer is None:  # no items cannot happen (sources refuse empty), but keep the store valid
+        raise CatnetError(f"nothing to import from {quoted(plan.source)}")
+    for fail in (plan.meta or {}).get("failures") or []:
+        if isinstance(fail, dict) and isinstance(fail.get("id"), str):
+            writer.add_failure(fail["id"], fail.get("path", ""), fail.get("reason", ""))
+    writer.close()
+    result["feature_dim"] = dim
+    return result
+
+
 def import_features(source: str | os.PathLike, out: str | os.PathLike, *,
                     labels: str | os.PathLike | None = None, classes: Sequence[str] | None = None,
                     feat_stride: int | None = None, window: int | None = None, fps: float | None = None,
@@ -565,80 +689,20 @@ def import_features(source: str | os.PathLike, out: str | os.PathLike, *,
         if source.is_dir():
             items, meta = _folder_source(source)
         else:
-            f = stack.enter_context(_open_h5(source))
-            items, meta = _h5_source(f, source)
-        seen: dict[str, str] = {}
-        for it in items:
-            if it.id in seen:
-                raise CatnetError(f"video id {quoted(it.id)} appears twice ({quoted(seen[it.id])}, "
-                                  f"{quoted(it.where)})")
-            seen[it.id] = it.where
-        names = list(meta["manifest"].get("classes") or []) if meta else []
-        if labels is not None:
-            table = read_labels_csv(labels, [it.id for it in items])
-            given = [x for x, _ in table.values() if x is not None]
-            names = list(classes) if classes is not None else sorted(set(given))
-            unknown = sorted(set(given) - set(names))
-            if unknown:
-                raise CatnetError(f"label {quoted(unknown[0])} (and {len(unknown) - 1} more) is not among "
-                                  f"the {len(names)} classes given")
-            label_of = {c: i for i, c in enumerate(names)}
-            for it in items:
-                label, split = table.get(it.id, (None, None))
-                it.label = label_of[label] if label is not None else -1
-                if split is not None:
-                    it.split = split
-        elif meta is None and classes is not None:
-            names = list(classes)
+            items, meta = _h5_source(stack.enter_context(_open_h5(source)), source)
+        _check_unique(items)
+        names = _apply_labels(items, labels, classes, meta)
+        sampling = None
         if meta is None:
             if feat_stride is None or fps is None:
                 raise CatnetError(f"{quoted(source)} has no catnet metadata: give the feature stride and fps "
                                   "(--feat-stride FRAMES --fps FPS, and --window FRAMES) to time each row")
-            window = window or feat_stride
-            sampling = DenseSampling(window=window, hop=feat_stride, fps=float(fps))
-        result = {"out": str(out), "videos": 0, "labelled": 0, "feature_dim": None, "source": str(source),
-                  "from_catnet_export": meta is not None}
+            sampling = DenseSampling(window=window or feat_stride, hop=feat_stride, fps=float(fps))
+        plan = _ImportPlan(source, items, meta, names, labels is not None, sampling, backbone, weights_id)
         bar = stack.enter_context(_bar(len(items), progress, "import"))
         tmp = stack.enter_context(_staged_dir(out))
-        writer, dim, first = None, None, None
-        for it in items:
-            if not -1 <= it.label < len(names):
-                raise CatnetError(f"video {quoted(it.id)}: label {it.label} is not one of the {len(names)} "
-                                  "classes")
-            rows, crops = _check_rows(it, np.asarray(it.load()), dim, first)
-            t = rows.shape[0] // crops
-            if writer is None:
-                dim, first = rows.shape[1], it.id
-                if meta is not None:
-                    manifest = dict(meta["manifest"])
-                    if labels is not None:
-                        manifest["classes"] = names
-                else:
-                    manifest = make_manifest(backbone=backbone or "unknown",
-                                             weights_id=weights_id or "unknown", num_features=dim,
-                                             sampling=sampling.to_dict(), spatial={}, classes=names,
-                                             imported_from=str(source.resolve()))
-                if manifest.get("num_features") != dim:
-                    raise CatnetError(f"video {quoted(it.id)} has D = {dim} but the export's manifest says "
-                                      f"{manifest.get('num_features')}")
-                writer = stack.enter_context(StoreWriter(tmp, manifest, shard_size=shard_size,
-                                                         flush_seconds=None, journal=False))
-            times = it.times
-            if times is None:
-                start = np.arange(t, dtype=np.float64) * sampling.hop
-                times = np.stack([start / sampling.fps, (start + sampling.window) / sampling.fps], axis=1)
-            writer.add(it.id, rows, times, label=it.label, split=it.split, path=it.path, num_crops=crops)
-            result["videos"] += 1
-            result["labelled"] += it.label >= 0
-            bar.update(1)
-        if writer is None:  # no items cannot happen (sources refuse empty), but keep the store valid
-            raise CatnetError(f"nothing to import from {quoted(source)}")
-        for fail in (meta or {}).get("failures") or []:
-            if isinstance(fail, dict) and "id" in fail:
-                writer.add_failure(fail["id"], fail.get("path", ""), fail.get("reason", ""))
-        result["feature_dim"] = dim
-        writer.close()
-    return result
+        result = _write_import(plan, tmp, shard_size, bar, stack)
+    return {"out": str(out), **result, "source": str(source), "from_catnet_export": meta is not None}
 
 
 @contextlib.contextmanager

@@ -20,7 +20,9 @@ none of them; the journal is emptied after every shard write and folded into a s
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
 import os
 import re
 import struct
@@ -38,7 +40,7 @@ import safetensors
 import torch
 from safetensors.numpy import save_file
 
-from catnet.errors import CatnetError
+from catnet.errors import CatnetError, quoted
 from catnet.utils.io import _fsync_dir, atomic_write, atomic_write_json
 from catnet.version import __version__
 
@@ -58,6 +60,10 @@ _JOURNAL_HEAD = struct.Struct("<4sIQI")
 
 # Manifest keys that define what the features *are*; a store refuses writers that disagree on any.
 COMPAT_KEYS = ("format_version", "backbone", "weights_id", "num_features", "sampling", "spatial", "classes")
+# Of those, what made the feature values themselves: a reader refuses a shard whose recorded digest
+# differs from its manifest on any of these. Class names are labels: renaming them in a manifest by hand
+# relabels a store, it does not make its features wrong.
+FEATURE_KEYS = ("backbone", "weights_id", "num_features", "sampling", "spatial")
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_]+$")
 
@@ -79,49 +85,155 @@ class VideoFeatures:
 # --------------------------------------------------------------------------------------------- reading
 
 
+def _json(data: bytes | str, what: str) -> Any:
+    """Parsed JSON, or a one-line CatnetError naming `what`: bad syntax, bad UTF-8, or nesting deep enough
+    to exhaust the parser's recursion limit (a hand-made or damaged file)."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError, TypeError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:200]
+        raise CatnetError(f"{what}: not valid JSON ({why})") from None
+
+
+def _dumps(obj: Any) -> str:
+    # ASCII escapes: a non-UTF-8 file name arrives as a surrogate-escaped str (os.fsdecode) and would make
+    # any UTF-8 encoder fail; "\udcff" in JSON reads back as the same str, so ids round-trip exactly.
+    return json.dumps(obj, ensure_ascii=True)
+
+
+def _is_int(x: Any, low: int = 0, high: int = 2**62) -> bool:
+    """An int (not a bool) in [low, high): what int64 arrays and their sums hold safely."""
+    return isinstance(x, int) and not isinstance(x, bool) and low <= x < high
+
+
 def read_shard_header(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON header of a safetensors file, read directly: opening 10^4 shards stays cheap."""
     return _read_header(Path(path))[0]
 
 
+def _corrupt(path: Path, why: str) -> CatnetError:
+    return CatnetError(f"corrupt feature shard {quoted(path)}: {why}; delete it and rerun extraction")
+
+
 def _read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """(header, header length n): tensor data starts at byte 8 + n."""
+    """(header, header length n): tensor data starts at byte 8 + n. Every tensor entry is checked (dtype,
+    shape, byte range that fits the file and matches its shape), so reads at its offsets are safe."""
     try:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) != 8:
-                raise ValueError("file shorter than a safetensors header")
+                raise _corrupt(path, "file shorter than a safetensors header")
             (n,) = struct.unpack("<Q", head)
-            size = path.stat().st_size
+            size = os.fstat(f.fileno()).st_size
             if n > size - 8:
-                raise ValueError("header length beyond end of file")
-            header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end > size:
-            raise ValueError("tensor data beyond end of file (truncated copy?)")
-        return header, n
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CatnetError(f"corrupt feature shard {path}: {e}; delete it and rerun extraction") from None
+                raise _corrupt(path, "header length beyond end of file")
+            raw = f.read(n)
+    except OSError as e:
+        raise _corrupt(path, e.strerror or str(e)) from None
+    try:
+        header = _json(raw, "header")
+    except CatnetError as e:
+        raise _corrupt(path, str(e)) from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "header is not a JSON object")
+    end = 0
+    for name, t in header.items():
+        if name == "__metadata__":
+            if not isinstance(t, dict) or not all(isinstance(v, str) for v in t.values()):
+                raise _corrupt(path, "__metadata__ is not a mapping of strings")
+            continue
+        end = max(end, _tensor_end(path, name, t))
+    if 8 + n + end > size:
+        raise _corrupt(path, "tensor data beyond end of file (truncated copy?)")
+    return header, n
+
+
+def _tensor_end(path: Path, name: str, t: Any) -> int:
+    """The end of tensor `name`'s bytes, after checking its header entry."""
+    if not isinstance(t, dict):
+        raise _corrupt(path, f"tensor {name!r} entry is not an object")
+    shape, offsets, dtype = t.get("shape"), t.get("data_offsets"), t.get("dtype")
+    if not isinstance(shape, list) or not all(_is_int(x) for x in shape):
+        raise _corrupt(path, f"tensor {name!r} has a bad shape {shape!r}"[:200])
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(x) for x in offsets)
+            and offsets[0] <= offsets[1]):
+        raise _corrupt(path, f"tensor {name!r} has bad data_offsets {offsets!r}"[:200])
+    if not isinstance(dtype, str):
+        raise _corrupt(path, f"tensor {name!r} has a bad dtype {dtype!r}"[:200])
+    if dtype in _DTYPES and offsets[1] - offsets[0] != _DTYPES[dtype].itemsize * math.prod(shape):
+        raise _corrupt(path, f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape}")
+    return offsets[1]
 
 
 def read_shard_videos(path: Path) -> list[dict[str, Any]]:
     return _videos(path, read_shard_header(path))
 
 
+def _check_record(rec: Any) -> str | None:
+    """Why a video record (shard metadata, journal) is malformed, or None."""
+    if not isinstance(rec, dict):
+        return "a video record is not an object"
+    if not isinstance(rec.get("id"), str) or not rec["id"]:
+        return "a video record has no string id"
+    if not _is_int(rec.get("label"), -1, 2**31) or not _is_int(rec.get("num_clips"), 1, 2**31) \
+            or not _is_int(rec.get("num_crops"), 1, 2**31):
+        return f"video {quoted(rec['id'])} has a bad label, num_clips or num_crops"
+    if not all(isinstance(rec.get(k, ""), str) for k in ("path", "split", "group")):
+        return f"video {quoted(rec['id'])} has a non-string path, split or group"
+    return None
+
+
 def _videos(path: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
     meta = header.get("__metadata__") or {}
+    if "videos" not in meta:
+        raise CatnetError(f"feature shard {quoted(path)} has no 'videos' metadata (not a catnet shard)")
     try:
-        return json.loads(meta["videos"])
-    except (KeyError, ValueError):
-        raise CatnetError(f"feature shard {path} has no 'videos' metadata (not a catnet shard)") from None
+        videos = _json(meta["videos"], "'videos' metadata")
+    except CatnetError as e:
+        raise _corrupt(path, str(e)) from None
+    if not isinstance(videos, list):
+        raise _corrupt(path, "'videos' metadata is not a list")
+    for rec in videos:
+        why = _check_record(rec)
+        if why:
+            raise _corrupt(path, why)
+    return videos
+
+
+def shard_compat(header: dict[str, Any]) -> dict[str, str] | None:
+    """The compat digest a shard was written with (`compat_digest`), None for shards older than it."""
+    raw = (header.get("__metadata__") or {}).get("compat")
+    if raw is None:
+        return None
+    digest = _json(raw, "'compat' metadata")
+    return digest if isinstance(digest, dict) else {}
 
 
 def journal_record(rec: dict[str, Any], features: np.ndarray, times: np.ndarray) -> bytes:
     """One self-describing journal record for a finished video (see JOURNAL_MAGIC for the layout)."""
-    meta = json.dumps({**rec, "shape": list(features.shape)}).encode("utf-8")
+    meta = _dumps({**rec, "shape": list(features.shape)}).encode("ascii")
     data = np.ascontiguousarray(features, "<f2").tobytes() + np.ascontiguousarray(times, "<f4").tobytes()
     crc = zlib.crc32(data, zlib.crc32(meta))
     return _JOURNAL_HEAD.pack(JOURNAL_MAGIC, len(meta), len(data), crc) + meta + data
+
+
+def _journal_entry(meta: bytes, data: bytes) -> tuple[dict[str, Any], np.ndarray, np.ndarray] | None:
+    """A record's (rec, features, times), or None when its meta does not describe its data."""
+    try:
+        rec = _json(meta, "journal record")
+    except CatnetError:
+        return None
+    shape = rec.pop("shape", None) if isinstance(rec, dict) else None
+    if _check_record(rec) or not (isinstance(shape, list) and len(shape) == 2 and all(map(_is_int, shape))):
+        return None
+    if not isinstance(rec.get("compat", {}), dict):
+        return None
+    (v, d), k = shape, rec["num_clips"]
+    if len(data) != v * d * 2 + k * 2 * 4 or v != k * rec["num_crops"]:
+        return None
+    feats = np.frombuffer(data, "<f2", v * d).reshape(v, d).astype(np.float16)
+    times = np.frombuffer(data, "<f4", k * 2, offset=v * d * 2).reshape(k, 2).astype(np.float32)
+    return rec, feats, times
 
 
 def read_journal(path: str | os.PathLike) -> tuple[list[tuple[dict[str, Any], np.ndarray, np.ndarray]], int]:
@@ -131,6 +243,8 @@ def read_journal(path: str | os.PathLike) -> tuple[list[tuple[dict[str, Any], np
         buf = Path(path).read_bytes()
     except FileNotFoundError:
         return [], 0
+    except OSError as e:
+        raise CatnetError(f"cannot read journal {quoted(path)}: {e.strerror or e}") from None
     out, pos, head = [], 0, _JOURNAL_HEAD.size
     while pos + head <= len(buf):
         magic, n_meta, n_data, crc = _JOURNAL_HEAD.unpack_from(buf, pos)
@@ -140,17 +254,10 @@ def read_journal(path: str | os.PathLike) -> tuple[list[tuple[dict[str, Any], np
         meta, data = buf[pos + head: pos + head + n_meta], buf[pos + head + n_meta: end]
         if zlib.crc32(data, zlib.crc32(meta)) != crc:
             break
-        try:
-            rec = json.loads(meta)
-            v, d = (int(x) for x in rec.pop("shape"))
-            k = int(rec["num_clips"])
-            if n_data != v * d * 2 + k * 2 * 4:
-                break
-            feats = np.frombuffer(data, "<f2", v * d).reshape(v, d).astype(np.float16)
-            times = np.frombuffer(data, "<f4", k * 2, offset=v * d * 2).reshape(k, 2).astype(np.float32)
-        except (ValueError, KeyError, TypeError):
+        entry = _journal_entry(meta, data)
+        if entry is None:
             break
-        out.append((rec, feats, times))
+        out.append(entry)
         pos = end
     return out, pos
 
@@ -162,17 +269,24 @@ def _journals(root: Path) -> list[Path]:
 def _read_failures(root: Path) -> list[dict[str, Any]]:
     out = []
     for p in sorted((root / FAILURES).glob("*.jsonl")):
-        for line in p.read_text(errors="replace").splitlines():
+        try:
+            text = p.read_text(errors="replace")
+        except OSError as e:
+            raise CatnetError(f"cannot read failures file {quoted(p)}: {e.strerror or e}") from None
+        for line in text.splitlines():
             try:
                 rec = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue  # a line cut by power loss mid-append; the video is simply retried
-            if isinstance(rec, dict) and "id" in rec:
-                out.append(rec)
+            if isinstance(rec, dict) and isinstance(rec.get("id"), str):  # anything else is not ours
+                out.append({"id": rec["id"], "path": str(rec.get("path", "")),
+                            "reason": str(rec.get("reason", ""))})
     return out
 
 
 _DTYPES = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "I64": np.dtype("<i8")}
+# the tensors a shard must have: (dtypes allowed, number of dimensions)
+_TENSORS = {"features": (("F16",), 2), "offsets": (("I64",), 1), "times": (("F32",), 2)}
 
 
 @dataclass
@@ -188,18 +302,28 @@ class _ShardLayout:
 
     @classmethod
     def parse(cls, path: Path, header: dict[str, Any], n: int) -> _ShardLayout:
+        """Tensor positions from a header `_read_header` checked; refuses missing or misshapen tensors."""
         starts, shapes, dtypes = {}, {}, {}
-        try:
-            for name in ("features", "offsets", "times"):
-                t = header[name]
-                starts[name] = 8 + n + int(t["data_offsets"][0])
-                shapes[name] = [int(x) for x in t["shape"]]
-                dtypes[name] = _DTYPES[t["dtype"]]
-        except (KeyError, TypeError, ValueError) as e:
-            raise CatnetError(f"corrupt feature shard {path}: bad or missing tensor entry ({e}); delete it "
-                              "and rerun extraction") from None
-        row_bytes = {k: dtypes[k].itemsize * int(np.prod(shapes[k][1:], dtype=np.int64)) for k in shapes}
+        for name, (allowed, ndim) in _TENSORS.items():
+            t = header.get(name)
+            if t is None or t["dtype"] not in allowed or len(t["shape"]) != ndim:
+                raise _corrupt(path, f"bad or missing tensor {name!r}")
+            starts[name] = 8 + n + t["data_offsets"][0]
+            shapes[name] = list(t["shape"])
+            dtypes[name] = _DTYPES[t["dtype"]]
+        if shapes["times"][1] != 2:
+            raise _corrupt(path, f"times has shape {shapes['times']}, not (K, 2)")
+        row_bytes = {k: dtypes[k].itemsize * math.prod(shapes[k][1:]) for k in shapes}
         return cls(starts, shapes, dtypes, row_bytes)
+
+    def attach(self, path: Path, offsets: np.ndarray, recs: list[dict[str, Any]]) -> None:
+        """Per-video rows from the `offsets` tensor, checked against the records and tensor shapes."""
+        clips = np.concatenate([[0], np.cumsum([r["num_clips"] for r in recs])]).astype(np.int64)
+        views = np.array([r["num_clips"] * r["num_crops"] for r in recs], np.int64)
+        if len(offsets) != len(recs) + 1 or offsets[0] != 0 or not np.array_equal(np.diff(offsets), views) \
+                or offsets[-1] != self.shapes["features"][0] or clips[-1] != self.shapes["times"][0]:
+            raise _corrupt(path, "row offsets disagree with its videos' clips and crops or its tensors")
+        self.rows, self.clip_rows = offsets, clips
 
     def video_rows(self, row: int) -> tuple[int, int]:
         """The feature rows [start, stop) of the shard's video number `row`."""
@@ -219,17 +343,10 @@ class FeatureStore:
         self.root = Path(path)
         if not (self.root / MANIFEST).is_file():
             if not self.root.exists():
-                raise CatnetError(f"feature store not found: {self.root}")
-            raise CatnetError(f"{self.root} is not a feature store (no {MANIFEST})")
-        try:
-            self.manifest: dict[str, Any] = json.loads((self.root / MANIFEST).read_text())
-        except ValueError as e:
-            raise CatnetError(f"corrupt manifest in {self.root}: {e}") from None
-        if self.manifest.get("format") != FORMAT:
-            raise CatnetError(f"{self.root / MANIFEST} is not a catnet feature-store manifest")
-        if self.manifest.get("format_version", 0) > FORMAT_VERSION:
-            raise CatnetError(f"feature store {self.root} has format version "
-                              f"{self.manifest['format_version']}; this catnet reads <= {FORMAT_VERSION}")
+                raise CatnetError(f"feature store not found: {quoted(self.root)}")
+            raise CatnetError(f"{quoted(self.root)} is not a feature store (no {MANIFEST})")
+        self.manifest: dict[str, Any] = read_manifest(self.root)
+        self._digest = compat_digest(self.manifest, FEATURE_KEYS)
         self.max_open = max(1, int(max_open))
         self._index: list[tuple[str, int, dict[str, Any]]] | None = None  # (shard name, row, record)
         self._by_id: dict[str, int] = {}
@@ -254,25 +371,32 @@ class FeatureStore:
     def shards(self) -> list[Path]:
         return sorted((self.root / SHARDS).glob("*" + SHARD_SUFFIX))
 
+    def _journal_entries(self) -> dict[str, tuple[dict[str, Any], np.ndarray, np.ndarray]]:
+        """The valid records of every journal (read-only), checked against the manifest."""
+        want, journaled = self.manifest.get("num_features"), {}
+        for journal in _journals(self.root):
+            for rec, feats, times in read_journal(journal)[0]:
+                if want and feats.shape[1] != want:
+                    raise CatnetError(f"journal {quoted(journal)} holds {feats.shape[1]}-d features but the "
+                                      f"store's manifest says {want}; it does not belong to this store")
+                _check_provenance(journal, rec.pop("compat", None), self._digest)
+                journaled.setdefault(rec["id"], (rec, feats, times))
+        return journaled
+
     def _build_index(self) -> list[tuple[str, int, dict[str, Any]]]:
         if self._index is None:
             entries: dict[str, tuple[str, int, dict[str, Any]]] = {}
             want = self.manifest.get("num_features")
             # journals before shards: a flush in between moves records into a shard listed afterwards
-            journaled = {}
-            for journal in _journals(self.root):
-                for rec, feats, times in read_journal(journal)[0]:
-                    if want and feats.shape[1] != want:
-                        raise CatnetError(f"journal {journal} holds {feats.shape[1]}-d features but the "
-                                          f"store's manifest says {want}; it does not belong to this store")
-                    journaled.setdefault(rec["id"], (rec, feats, times))
+            journaled = self._journal_entries()
             for shard in self.shards:
                 # a foreign or hand-edited shard of another width would fail deep inside a head; say so here
                 header = read_shard_header(shard)
                 shape = (header.get("features") or {}).get("shape") or [0, want]
                 if want and len(shape) == 2 and shape[1] != want:
-                    raise CatnetError(f"feature shard {shard} holds {shape[1]}-d features but the store's "
-                                      f"manifest says {want}; it does not belong to this store")
+                    raise CatnetError(f"feature shard {quoted(shard)} holds {shape[1]}-d features but the "
+                                      f"store's manifest says {want}; it does not belong to this store")
+                _check_provenance(shard, shard_compat(header), self._digest)
                 for row, rec in enumerate(_videos(shard, header)):
                     entries.setdefault(rec["id"], (shard.name, row, rec))  # first shard wins on duplicates
             # "" marks a journal entry; a shard wins over a journal record (flushed, not yet truncated)
@@ -335,9 +459,7 @@ class FeatureStore:
             header, n = _read_header(path)
             layout = _ShardLayout.parse(path, header, n)
             offsets = self._pread(shard, layout, "offsets", 0, layout.shapes["offsets"][0]).astype(np.int64)
-            recs = _videos(path, header)
-            clips = np.concatenate([[0], np.cumsum([r["num_clips"] for r in recs])]).astype(np.int64)
-            layout.rows, layout.clip_rows = offsets, clips
+            layout.attach(path, offsets, _videos(path, header))
             self._layouts[shard] = layout
         return layout
 
@@ -349,9 +471,12 @@ class FeatureStore:
         """
         out = np.empty((stop - start, *layout.shapes[name][1:]), layout.dtypes[name])
         offset = layout.starts[name] + start * layout.row_bytes[name]
-        if out.size and os.preadv(self._fd(shard), [out], offset) != out.nbytes:
-            raise CatnetError(f"corrupt feature shard {self.root / SHARDS / shard}: {name} rows "
-                              f"{start}-{stop} cut short; delete it and rerun extraction")
+        try:
+            got = os.preadv(self._fd(shard), [out], offset) if out.size else 0
+        except OSError as e:  # deleted or replaced under us, an I/O error
+            raise _corrupt(self.root / SHARDS / shard, e.strerror or str(e)) from None
+        if got != out.nbytes:
+            raise _corrupt(self.root / SHARDS / shard, f"{name} rows {start}-{stop} cut short")
         return out
 
     def read_features(self, key: int | str) -> np.ndarray:
@@ -459,6 +584,7 @@ class FeatureStore:
                         labels: Sequence[int], classes: Sequence[str], *, ids: Sequence[str] | None = None,
                         splits: Sequence[str] | str = "train", times: Sequence[np.ndarray] | None = None,
                         num_crops: int = 1, shard_size: int = 16, backbone: str = "synthetic",
+                        groups: Sequence[str] | None = None,
                         **manifest_extra: Any) -> FeatureStore:
         """Fabricate a store from arrays, for tests and toy data.
 
@@ -485,7 +611,8 @@ class FeatureStore:
             for i, x in enumerate(feats):
                 k = x.shape[0] // num_crops
                 t = times[i] if times is not None else np.stack([np.arange(k), np.arange(k) + 1.0], 1)
-                writer.add(ids[i], x, t, label=int(labels[i]), split=splits[i], num_crops=num_crops)
+                writer.add(ids[i], x, t, label=int(labels[i]), split=splits[i], num_crops=num_crops,
+                           group=groups[i] if groups is not None else "")
         return FeatureStore(path)
 
 
@@ -507,6 +634,68 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj))  # tuples -> lists, so comparisons with a stored manifest work
 
 
+def compat_digest(manifest: dict[str, Any], keys: Sequence[str] = COMPAT_KEYS) -> dict[str, str]:
+    """A short hash of each compat key's value. Every shard (metadata "compat") and journal record carries
+    it, so the shards themselves say which settings made them, whatever happens to the manifest."""
+    m = _jsonable(manifest)
+    return {k: hashlib.sha256(json.dumps(m.get(k), sort_keys=True, separators=(",", ":")).encode("ascii"))
+            .hexdigest()[:16] for k in keys}
+
+
+def _check_provenance(where: Path, digest: dict[str, str] | None, want: dict[str, str],
+                      orphan_of: Path | None = None) -> None:
+    """Refuse a shard or journal whose compat digest differs from `want` on any of want's keys. None
+    (written before digests existed) passes: the manifest vouches for it. `orphan_of`: the store whose
+    manifest is missing (the message then says so)."""
+    if digest is None:
+        return
+    bad = ", ".join(k for k in want if digest.get(k) != want[k])
+    if not bad:
+        return
+    if orphan_of is not None:
+        raise CatnetError(f"{quoted(orphan_of)} has no {MANIFEST}, and {quoted(where.name)} was written "
+                          f"with other extraction settings ({bad} differ); restore the manifest or use a new "
+                          "--out")
+    raise CatnetError(f"{quoted(where)} was written with other extraction settings than {MANIFEST} ({bad} "
+                      "differ); it does not belong to this store")
+
+
+def _check_manifest_types(m: Any, path: Path) -> dict[str, Any]:
+    """A manifest's JSON, checked for the types readers rely on."""
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise CatnetError(f"{quoted(path)} is not a catnet feature-store manifest")
+    version = m.get("format_version", 0)
+    if not _is_int(version):
+        raise CatnetError(f"corrupt manifest {quoted(path)}: format_version {version!r:.40} is not an "
+                          "integer")
+    if version > FORMAT_VERSION:
+        shown = str(version) if version < 10**12 else "beyond 10^12"
+        raise CatnetError(f"feature store {quoted(path.parent)} has format version {shown}; this "
+                          f"catnet reads <= {FORMAT_VERSION}")
+    types = {"backbone": str, "weights_id": str, "sampling": dict, "spatial": dict, "classes": list,
+             "versions": dict}
+    for key, tp in types.items():
+        if m.get(key) is not None and not isinstance(m[key], tp):
+            raise CatnetError(f"corrupt manifest {quoted(path)}: {key} must be a {tp.__name__}")
+    if not all(isinstance(c, str) for c in m.get("classes") or []):
+        raise CatnetError(f"corrupt manifest {quoted(path)}: classes must be strings")
+    if m.get("num_features") is not None and not _is_int(m["num_features"], 1):
+        raise CatnetError(f"corrupt manifest {quoted(path)}: num_features must be a positive integer")
+    return m
+
+
+def read_manifest(root: str | os.PathLike) -> dict[str, Any] | None:
+    """Store `root`'s manifest, checked (one-line CatnetError if damaged); None if it has none."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CatnetError(f"cannot read {quoted(path)}: {e.strerror or e}") from None
+    return _check_manifest_types(_json(raw, f"corrupt manifest {quoted(path)}"), path)
+
+
 def manifest_mismatch(existing: dict[str, Any], new: dict[str, Any],
                       keys: Sequence[str] = COMPAT_KEYS) -> list[str]:
     """The `keys` on which two manifests disagree, as 'key: old != new' strings."""
@@ -515,7 +704,9 @@ def manifest_mismatch(existing: dict[str, Any], new: dict[str, Any],
     for key in keys:
         a, b = existing.get(key), new.get(key)
         if a != b:
-            if isinstance(a, dict) and isinstance(b, dict):
+            if key == "sampling" and _is_dense(a) != _is_dense(b):  # never mixed: rows mean other things
+                out.append(f"sampling: {_describe_sampling(a)} != {_describe_sampling(b)}")
+            elif isinstance(a, dict) and isinstance(b, dict):
                 diff = [f"{key}.{k}: {a.get(k)!r} != {b.get(k)!r}" for k in sorted(set(a) | set(b))
                         if a.get(k) != b.get(k)]
                 out.extend(diff)
@@ -526,6 +717,92 @@ def manifest_mismatch(existing: dict[str, Any], new: dict[str, Any],
     return out
 
 
+def _is_dense(sampling: Any) -> bool:
+    return isinstance(sampling, dict) and sampling.get("mode") == "dense"
+
+
+def _describe_sampling(sampling: Any) -> str:
+    if not isinstance(sampling, dict):
+        return repr(sampling)
+    if _is_dense(sampling):
+        hop = sampling.get("hop") or (f"{sampling['hop_seconds']} s" if sampling.get("hop_seconds")
+                                      else "= span")
+        return f"dense windows of {sampling.get('window')} frames, hop {hop}"
+    return f"K clips ({sampling.get('num_clips')} clips x {sampling.get('clip_len')} frames)"
+
+
+def _check_orphans(root: Path, manifest: dict[str, Any], keys: Sequence[str]) -> None:
+    """A store without a manifest may be rebuilt only from shards and journals that record (and agree
+    with) the new settings: refuse any of unknown or other provenance."""
+    want = compat_digest(manifest, keys)
+    for shard in sorted((root / SHARDS).glob("*" + SHARD_SUFFIX)):
+        header = read_shard_header(shard)
+        digest = shard_compat(header)
+        if digest is None:
+            raise CatnetError(f"{quoted(root)} has shards but no {MANIFEST}, and {quoted(shard.name)} does "
+                              "not record its extraction settings; restore the manifest or use a new --out")
+        _check_provenance(shard, digest, want, root)
+    for journal in _journals(root):
+        for rec, _, _ in read_journal(journal)[0]:
+            if rec.get("compat") is None:
+                raise CatnetError(f"{quoted(root)} has a journal but no {MANIFEST}, and "
+                                  f"{quoted(journal.name)} does not record its settings; restore the "
+                                  "manifest or use a new --out")
+            _check_provenance(journal, rec["compat"], want, root)
+
+
+def check_manifest(root: str | os.PathLike, manifest: dict[str, Any],
+                   keys: Sequence[str] = COMPAT_KEYS) -> dict[str, Any] | None:
+    """The existing manifest of store `root` (None if new); CatnetError if it differs on `keys`, or if
+    the manifest is missing and shards of unknown or other settings are there."""
+    root = Path(root)
+    existing = read_manifest(root)
+    if existing is None:
+        _check_orphans(root, manifest, keys)
+        return None
+    diff = manifest_mismatch(existing, manifest, keys)
+    if diff:
+        raise CatnetError(f"{quoted(root)} was extracted with different settings ({'; '.join(diff[:4])}); "
+                          "use a new --out folder or the same settings")
+    return existing
+
+
+def check_or_write_manifest(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Refuse a store made with different settings; create the manifest of a new store (or of one whose
+    manifest was lost, from shards that record these very settings).
+
+    Several ranks may race here on a new store: each writes the same manifest atomically, so the
+    last rename wins with identical compat keys.
+    """
+    existing = check_manifest(root, manifest)
+    if existing is not None:
+        return existing
+    path = root / MANIFEST
+    for p in root.glob(f".{MANIFEST}.*.tmp"):
+        if time.time() - p.stat().st_mtime > 60:  # a fresh one may be another rank's, mid-write
+            p.unlink(missing_ok=True)
+    atomic_write_json(path, _jsonable(manifest))
+    return _jsonable(manifest)
+
+
+def _file_mode() -> int:
+    """What open() would give a new file under the current umask (usually 0644)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def _writing(root: Path) -> Iterator[None]:
+    """A full disk, a read-only or vanished folder: one line. What was finished stays in the journal
+    (a torn last record is dropped on the next run), so nothing is lost."""
+    try:
+        yield
+    except OSError as e:
+        raise CatnetError(f"cannot write feature store {quoted(root)}: {e.strerror or e}; what was finished "
+                          "is kept, rerun to resume") from None
+
+
 class StoreWriter:
     """Append videos to a store; every `shard_size` videos (or `flush_seconds`) become one shard.
 
@@ -534,7 +811,8 @@ class StoreWriter:
     behind, and folds that writer's journal into a shard (`num_recovered` videos). Use one prefix per
     concurrent writer (extraction uses `rank000`, `rank001`, ...).
     Each added video is appended (and fsynced) to shards/PREFIX.journal before `add` returns, unless
-    `journal=False`; failures are appended (and fsynced) to failures/PREFIX.jsonl immediately.
+    `journal=False`; failures are appended (and fsynced) to failures/PREFIX.jsonl immediately. Every
+    shard and journal record carries `compat_digest(manifest)`; OSErrors (a full disk) are CatnetErrors.
     """
 
     def __init__(self, path: str | os.PathLike, manifest: dict[str, Any], *, prefix: str = "rank000",
@@ -548,11 +826,14 @@ class StoreWriter:
         self.shard_size = shard_size
         self.flush_seconds = flush_seconds
         if self.root.exists() and not self.root.is_dir():
-            raise CatnetError(f"feature store path {self.root} exists and is not a directory")
-        (self.root / SHARDS).mkdir(parents=True, exist_ok=True)
-        (self.root / FAILURES).mkdir(parents=True, exist_ok=True)
-        self.manifest = check_or_write_manifest(self.root, manifest)
-        self._remove_stale_temps()
+            raise CatnetError(f"feature store path {quoted(self.root)} exists and is not a directory")
+        with _writing(self.root):
+            (self.root / SHARDS).mkdir(parents=True, exist_ok=True)
+            (self.root / FAILURES).mkdir(parents=True, exist_ok=True)
+            self.manifest = check_or_write_manifest(self.root, manifest)
+            self.compat = compat_digest(self.manifest)
+            self._features_digest = compat_digest(self.manifest, FEATURE_KEYS)
+            self._remove_stale_temps()
         seqs = [int(p.stem.rsplit("-", 1)[1]) for p in (self.root / SHARDS).glob(f"{prefix}-*{SHARD_SUFFIX}")
                 if p.stem.rsplit("-", 1)[1].isdigit()]
         self._seq = max(seqs, default=-1) + 1
@@ -564,7 +845,9 @@ class StoreWriter:
         self.journal = journal
         self.journal_path = self.root / SHARDS / f"{prefix}{JOURNAL_SUFFIX}"
         self._journal_fd: int | None = None
-        self.num_recovered = self._recover_journal()
+        self._mode = _file_mode()
+        with _writing(self.root):
+            self.num_recovered = self._recover_journal()
 
     def _recover_journal(self) -> int:
         """Fold the valid records a killed writer with our prefix left in its journal into a shard."""
@@ -575,8 +858,11 @@ class StoreWriter:
         # that shard: the shard wins
         done = set()
         for shard in (self.root / SHARDS).glob("*" + SHARD_SUFFIX):
-            done.update(rec["id"] for rec in read_shard_videos(shard))
+            header = read_shard_header(shard)
+            _check_provenance(shard, shard_compat(header), self._features_digest)
+            done.update(rec["id"] for rec in _videos(shard, header))
         for rec, feats, times in records:
+            _check_provenance(self.journal_path, rec.pop("compat", None), self._features_digest)
             if rec["id"] not in done:
                 done.add(rec["id"])
                 self._buf.append((rec, feats, times))
@@ -588,7 +874,7 @@ class StoreWriter:
     def _journal_append(self, record: bytes) -> None:
         if self._journal_fd is None:
             created = not self.journal_path.exists()
-            self._journal_fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._journal_fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
             if created:
                 _fsync_dir(self.journal_path.parent)  # the file's name must survive a power loss too
         view = memoryview(record)
@@ -611,8 +897,12 @@ class StoreWriter:
             p.unlink(missing_ok=True)
 
     def add(self, video_id: str, features: np.ndarray, times: np.ndarray, *, label: int = -1,
-            split: str = "", path: str = "", num_crops: int = 1) -> None:
-        """Buffer one video's (V, D) features and (K, 2) clip times; flushes when due."""
+            split: str = "", path: str = "", num_crops: int = 1, extra: dict[str, Any] | None = None,
+            group: str = "") -> None:
+        """Buffer one video's (V, D) features and (K, 2) clip times; flushes when due.
+
+        `extra`: more per-video facts for its record (JSON values), e.g. a dense video's `fps`.
+        `group`: the source video the clip was cut from (recorded only when known)."""
         features = np.asarray(features)
         times = np.asarray(times, dtype=np.float32).reshape(-1, 2)
         if features.ndim != 2 or features.shape[0] == 0:
@@ -623,27 +913,35 @@ class StoreWriter:
         d = self.manifest.get("num_features")
         if d and features.shape[1] != d:
             raise CatnetError(f"{video_id!r}: feature dim {features.shape[1]} != store's {d}")
-        rec = {"id": str(video_id), "path": str(path), "label": int(label), "split": str(split),
-               "num_clips": int(times.shape[0]), "num_crops": int(num_crops)}
+        rec = {**_jsonable(extra or {}), "id": str(video_id), "path": str(path), "label": int(label),
+               "split": str(split), "num_clips": int(times.shape[0]), "num_crops": int(num_crops)}
+        if group:
+            rec["group"] = str(group)
         features = features.astype(np.float16)
-        if self.journal:  # durable before add returns: a kill from here on costs nothing finished
-            self._journal_append(journal_record(rec, features, times))
-        self._buf.append((rec, features, times))
-        if len(self._buf) >= self.shard_size or (
-                self.flush_seconds is not None and time.monotonic() - self._last_flush >= self.flush_seconds):
-            self.flush()
+        with _writing(self.root):
+            if self.journal:  # durable before add returns: a kill from here on costs nothing finished
+                self._journal_append(journal_record({**rec, "compat": self.compat}, features, times))
+            self._buf.append((rec, features, times))
+            due = self.flush_seconds is not None and time.monotonic() - self._last_flush >= self.flush_seconds
+            if len(self._buf) >= self.shard_size or due:
+                self.flush()
 
     def add_failure(self, video_id: str, path: str, reason: str) -> None:
-        line = json.dumps({"id": str(video_id), "path": str(path), "reason": str(reason)}) + "\n"
+        line = _dumps({"id": str(video_id), "path": str(path), "reason": str(reason)}) + "\n"
         # one small O_APPEND write + fsync: a kill leaves either the whole line or none of it
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
-        fd = os.open(self.root / FAILURES / f"{self.prefix}.jsonl", flags, 0o644)
-        try:
-            os.write(fd, line.encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with _writing(self.root):
+            fd = os.open(self.root / FAILURES / f"{self.prefix}.jsonl", flags, 0o666)
+            try:
+                os.write(fd, line.encode("ascii"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         self.num_failed += 1
+
+    def _save(self, tensors: dict[str, np.ndarray], metadata: dict[str, str], tmp: str) -> None:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, self._mode)  # safetensors recreates the file 0600: a store must be shareable
 
     def flush(self) -> Path | None:
         """Write the buffered videos as one shard (atomically); returns its path, None if nothing to do."""
@@ -658,11 +956,13 @@ class StoreWriter:
             "times": np.ascontiguousarray(np.concatenate([t for _, _, t in self._buf])),
             "labels": np.array([r["label"] for r in recs], dtype=np.int64),
         }
-        metadata = {"videos": json.dumps(recs), "format": FORMAT, "format_version": str(FORMAT_VERSION)}
+        metadata = {"videos": _dumps(recs), "format": FORMAT, "format_version": str(FORMAT_VERSION),
+                    "compat": _dumps(self.compat)}
         path = self.root / SHARDS / f"{self.prefix}-{self._seq:06d}{SHARD_SUFFIX}"
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-        # only once the shard is durable; a kill in between leaves duplicates that recovery drops
-        self._truncate_journal()
+        with _writing(self.root):
+            atomic_write(path, lambda tmp: self._save(tensors, metadata, tmp))
+            # only once the shard is durable; a kill in between leaves duplicates that recovery drops
+            self._truncate_journal()
         self._seq += 1
         self.num_written += len(recs)
         self._buf.clear()
@@ -684,40 +984,6 @@ class StoreWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         # on an exception keep what was finished (it is in the journal anyway)
         self.close()
-
-
-def check_manifest(root: str | os.PathLike, manifest: dict[str, Any],
-                   keys: Sequence[str] = COMPAT_KEYS) -> dict[str, Any] | None:
-    """The existing manifest of store `root` (None if new); CatnetError if it differs on `keys`."""
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        existing = json.loads(path.read_text())
-    except ValueError as e:
-        raise CatnetError(f"corrupt manifest {path}: {e}") from None
-    diff = manifest_mismatch(existing, manifest, keys)
-    if diff:
-        raise CatnetError(f"{root} was extracted with different settings ({'; '.join(diff[:4])}); "
-                          "use a new --out folder or the same settings")
-    return existing
-
-
-def check_or_write_manifest(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Refuse a store made with different settings; create the manifest of a new store.
-
-    Several ranks may race here on a new store: each writes the same manifest atomically, so the
-    last rename wins with identical compat keys.
-    """
-    existing = check_manifest(root, manifest)
-    if existing is not None:
-        return existing
-    path = root / MANIFEST
-    for p in root.glob(f".{MANIFEST}.*.tmp"):
-        if time.time() - p.stat().st_mtime > 60:  # a fresh one may be another rank's, mid-write
-            p.unlink(missing_ok=True)
-    atomic_write_json(path, _jsonable(manifest))
-    return _jsonable(manifest)
 
 
 def done_and_failed(root: str | os.PathLike) -> tuple[set[str], set[str]]:

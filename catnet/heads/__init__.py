@@ -7,13 +7,15 @@
     out = head.forward_attention(x, mask)        # {"logits", "alpha", "beta"}
     same = head_from_config(to_dict(head.config))  # what run.json stores
 
-Names: `catnet`, `local` and `avgpool` are presets of one module (catnet.py, paper Table 1);
+Names: `catnet`, `local`, `avgpool` and `linear` (the reference: avgpool without dropout) are presets of
+one module (catnet.py, paper Table 1);
 `attention_clusters`, `netvlad`, `lstm` are the aggregation baselines. The paper's Table 1-2 grids of
 these are in catnet.experiments.variants.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ _REGISTRY: dict[str, tuple[type[HeadConfig], type[VideoHead], dict[str, Any]]] =
     "catnet": (CATNetConfig, CATNetHead, PRESETS["catnet"]),
     "local": (CATNetConfig, CATNetHead, PRESETS["local"]),
     "avgpool": (CATNetConfig, CATNetHead, PRESETS["avgpool"]),
+    "linear": (CATNetConfig, CATNetHead, PRESETS["linear"]),
     "attention_clusters": (AttentionClustersConfig, AttentionClustersHead, {}),
     "netvlad": (NetVLADConfig, NetVLADHead, {}),
     "lstm": (LSTMConfig, LSTMHead, {}),
@@ -60,13 +63,20 @@ def _lookup(name: str):
 
 
 def build_head(name: str, in_dim: int, num_classes: int, **options: Any) -> nn.Module:
-    """A head by name; `options` override the name's preset and the config defaults."""
-    _, _, preset = _lookup(name)
-    return head_from_config({**preset, **options, "name": name, "in_dim": in_dim, "num_classes": num_classes})
+    """A head by name; `options` override the name's preset and the config defaults. Without a
+    `logit_scale` option the head gets its own default (`default_logit_scale`), written into its config,
+    so the run records the value it trained with."""
+    config_cls, head_cls, preset = _lookup(name)
+    config = from_dict(config_cls, {**preset, **options, "name": name, "in_dim": in_dim,
+                                    "num_classes": num_classes})
+    if "logit_scale" not in options:
+        config = dataclasses.replace(config, logit_scale=config.default_logit_scale())
+    return head_cls(config)
 
 
 def head_from_config(d: dict[str, Any]) -> nn.Module:
-    """Rebuild a head from the plain dict of its config (`dataclasses.asdict(head.config)`)."""
+    """Rebuild a head from the plain dict of its config (`dataclasses.asdict(head.config)`). A dict
+    without `logit_scale` (catnet 0.1) means 1.0, so old runs give the numbers they gave."""
     if not isinstance(d, dict) or "name" not in d:
         raise CatnetError("a head config must be a mapping with a 'name' key")
     config_cls, head_cls, preset = _lookup(d["name"])

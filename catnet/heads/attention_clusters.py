@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from catnet.heads.catnet import LocalAttention
-from catnet.heads.common import HeadConfig, VideoHead, check_positive, l2_normalize_heads
+from catnet.heads.common import NORMALISED_SCALE, HeadConfig, VideoHead, check_positive, l2_normalize_heads
 
 
 @dataclass
@@ -24,6 +24,9 @@ class AttentionClustersConfig(HeadConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive("num_heads", self.num_heads)
+
+    def default_logit_scale(self) -> float:
+        return NORMALISED_SCALE  # the concatenation of the N normalised units has norm 1
 
 
 class Shift(nn.Module):

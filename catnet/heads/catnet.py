@@ -5,7 +5,7 @@
 
 Table-1 rows are presets of this one module (see `PRESETS`): `avgpool` = one head with uniform attention
 and no FC-Norm (the mean of the clip features), `local` = local attention with or without FC-Norm and no
-global attention, `catnet` = everything.
+global attention, `catnet` = everything; `linear` = avgpool without dropout, the reference.
 
 Where the paper is ambiguous, the choice and its alternative option:
 - Eq. 4 says "a FC layer": one FC shared by all heads (default, N-independent parameter count);
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from catnet.heads.common import (
+    NORMALISED_SCALE,
     HeadConfig,
     VideoHead,
     check_choice,
@@ -65,12 +66,24 @@ class CATNetConfig(HeadConfig):
         """Width of each head's output y_i' (or y_i without FC-Norm)."""
         return (self.fc_dim or self.in_dim) if self.fc_norm else self.in_dim
 
+    def default_logit_scale(self) -> float:
+        """NORMALISED_SCALE when the classifier sees Eq. 4's normalised heads (V of norm 1 for concat;
+        at most 1/sqrt(N) for sum, hence x sqrt(N)); 1/sqrt(N) when it sees N concatenated raw heads, Eq.
+        4's 1/sqrt(N) without the L2 norm; else 1. Why: docs/heads.md, "Logit scale"."""
+        n = self.num_heads
+        if self.fc_norm and self.global_features == "normalized":
+            return NORMALISED_SCALE * (math.sqrt(n) if self.aggregation == "sum" else 1.0)
+        return 1.0 / math.sqrt(n) if self.aggregation == "concat" else 1.0
+
 
 # Table-1 rows as option presets; build_head(name, ...) starts from these and applies the user's options.
+AVGPOOL = {"num_heads": 1, "attention": "uniform", "fc_norm": False, "global_attention": False}
 PRESETS: dict[str, dict] = {
     "catnet": {},
     "local": {"global_attention": False},
-    "avgpool": {"num_heads": 1, "attention": "uniform", "fc_norm": False, "global_attention": False},
+    "avgpool": AVGPOOL,
+    # the reference every attention head must beat: a linear classifier on the mean clip feature
+    "linear": {**AVGPOOL, "dropout": 0.0},
 }
 
 

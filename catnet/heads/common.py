@@ -20,6 +20,10 @@ from catnet.errors import CatnetError
 
 # Small enough to never matter for real features, large enough to keep fp16 away from 0/0.
 NORM_EPS = 1e-6
+# The radius the classifier's input is scaled to when the representation is L2-normalised (NormFace /
+# L2-constrained softmax; docs/heads.md, "Logit scale"): logit gaps of ln(p (C - 2) / (1 - p)) are then
+# reachable for every usual label set.
+NORMALISED_SCALE = 16.0
 
 
 @dataclass
@@ -32,6 +36,12 @@ class HeadConfig:
     # Dropout on the video representation, just before the classifier. The paper does not say; 0.5 is
     # the usual value for classifiers on I3D features (I3D, Non-local) and helps the small datasets.
     dropout: float = 0.5
+    # logits = W (logit_scale * V) + b. build_head fills each head's own default (`default_logit_scale`,
+    # docs/heads.md "Logit scale"); 1.0 here is what a config without the key (catnet 0.1 runs) meant.
+    logit_scale: float = 1.0
+    # Standardise each clip feature by a per-dimension mean and std held as buffers (input_mean,
+    # input_std) before anything else; `catnet train` fills them from its training split.
+    standardize: bool = False
 
     def __post_init__(self) -> None:
         if self.in_dim < 1:
@@ -40,6 +50,14 @@ class HeadConfig:
             raise CatnetError(f"head num_classes must be >= 1, got {self.num_classes}")
         if not 0.0 <= self.dropout < 1.0:
             raise CatnetError(f"head dropout must be in [0, 1), got {self.dropout}")
+        if not (isinstance(self.logit_scale, (int, float)) and math.isfinite(self.logit_scale)
+                and self.logit_scale > 0):
+            raise CatnetError(f"head logit_scale must be a finite number > 0, got {self.logit_scale!r}")
+
+    def default_logit_scale(self) -> float:
+        """The scale `build_head` gives this head when none is asked for: 1 (its classifier sees raw
+        features); heads with L2-normalised representations override it."""
+        return 1.0
 
 
 def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -71,6 +89,17 @@ class VideoHead(nn.Module):
         self.num_features = num_features
         self.drop = Dropout(self.config.dropout)
         self.classifier = nn.Linear(num_features, self.config.num_classes)
+        if self.config.standardize:  # buffers: saved with the weights, exported with the graph
+            self.register_buffer("input_mean", torch.zeros(self.config.in_dim))
+            self.register_buffer("input_std", torch.ones(self.config.in_dim))
+
+    def set_standardization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """The per-dimension mean and std of the clip features (the training split's)."""
+        if not self.config.standardize:
+            raise CatnetError("this head was built without standardize=True")
+        with torch.no_grad():
+            self.input_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+            self.input_std.copy_(torch.as_tensor(std, dtype=torch.float32))
 
     def _features(self, x: torch.Tensor, mask: torch.Tensor):
         raise NotImplementedError
@@ -78,10 +107,14 @@ class VideoHead(nn.Module):
     def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None):
         """(V, alpha | None, beta | None): the video representation before dropout and the classifier,
         the local attention of Eq. 2 and the global attention of Eq. 6 (None for heads without them)."""
-        return self._features(*prepare_inputs(x, mask, self.config.in_dim))
+        norm = (self.input_mean, self.input_std) if self.config.standardize else None
+        return self._features(*prepare_inputs(x, mask, self.config.in_dim, norm))
 
     def forward_head(self, v: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.drop(v))
+        v = self.drop(v)
+        if self.config.logit_scale != 1.0:
+            v = v * self.config.logit_scale
+        return self.classifier(v)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, mask)[0])
@@ -113,9 +146,11 @@ class Dropout(nn.Dropout):
 
 
 def prepare_inputs(
-    x: torch.Tensor, mask: torch.Tensor | None, in_dim: int
+    x: torch.Tensor, mask: torch.Tensor | None, in_dim: int,
+    norm: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check shapes (static checks only, so tracing is unaffected) and zero the masked clips."""
+    """Check shapes (static checks only, so tracing is unaffected), standardise by `norm` = (mean, std)
+    when given, and zero the masked clips (after standardising, so padding stays exactly zero)."""
     if x.dim() != 3:
         raise CatnetError(f"head input must be clip features (B, K, D), got shape {tuple(x.shape)}")
     if x.shape[-1] != in_dim:
@@ -126,6 +161,8 @@ def prepare_inputs(
         if mask.shape != x.shape[:2]:
             raise CatnetError(f"mask must have shape (B, K) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
         mask = mask.to(torch.bool)
+    if norm is not None:
+        x = (x - norm[0].to(x.dtype)) / norm[1].to(x.dtype)
     x = torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
     return x, mask
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from catnet.heads.common import NORM_EPS, HeadConfig, VideoHead, check_positive
+from catnet.heads.common import NORM_EPS, NORMALISED_SCALE, HeadConfig, VideoHead, check_positive
 
 
 @dataclass
@@ -24,6 +24,9 @@ class NetVLADConfig(HeadConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive("num_clusters", self.num_clusters)
+
+    def default_logit_scale(self) -> float:
+        return NORMALISED_SCALE  # the descriptor is globally L2-normalised
 
 
 class NetVLAD(nn.Module):

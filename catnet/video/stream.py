@@ -29,7 +29,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ import av
 import numpy as np
 import torch
 
+from catnet.config import check_fields, spec
 from catnet.errors import CatnetError, VideoError, quoted
 from catnet.utils.threads import Stopped, threaded
 from catnet.video.decode import DEFAULT_FPS, _check_file, _fps, _orientation, _reason, _to_rgb, check_geometry
@@ -125,11 +126,11 @@ class DenseSampling:
     records under "sampling" (with "mode": "dense"), so stores of different settings refuse to mix.
     """
 
-    window: int = 16
-    hop: int | None = None
-    stride: int = 1
-    hop_seconds: float | None = None
-    fps: float | None = None
+    window: int = field(default=16, metadata=spec(ge=1))
+    hop: int | None = field(default=None, metadata=spec(ge=1))
+    stride: int = field(default=1, metadata=spec(ge=1))
+    hop_seconds: float | None = field(default=None, metadata=spec(gt=0))
+    fps: float | None = field(default=None, metadata=spec(gt=0))
 
     def __post_init__(self):
         _check_int("window", self.window)
@@ -143,6 +144,7 @@ class DenseSampling:
             if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
                                           and math.isfinite(value) and value > 0):
                 raise CatnetError(f"{name.replace('_', ' ')} must be a number > 0, got {value!r}")
+        check_fields(self)  # the bounds above, as `config.spec` metadata (what CLI flags are checked by)
 
     @property
     def span(self) -> int:
@@ -294,119 +296,139 @@ def _needed(i: int, hop: int, span: int, stride: int) -> bool:
     return False
 
 
+class _WindowReader:
+    """The sequential decoder behind `iter_windows` (runs in its thread): the ring buffer of the last
+    `span` resized output frames, and the bookkeeping of which window completes when.
+
+    Output frame i lives in ring slot i % span; `owner[slot]` says which output frame a slot holds, so a
+    window is assembled by gathering its positions' slots (checked against `owner`).
+    """
+
+    def __init__(self, src: _Source, sampling: DenseSampling, stream, *, short_side: int | None,
+                 timeout: float, input_fps: float | None, use_pts: bool, stop: threading.Event):
+        self.src, self.short_side, self.timeout, self.stop = src, short_side, timeout, stop
+        self.fps_in = float(input_fps) if input_fps else (_fps(stream) or DEFAULT_FPS)
+        self.fps = sampling.output_fps(self.fps_in)
+        self.resample = sampling.fps is not None
+        self.ratio = self.fps_in / self.fps
+        self.hop, self.span = sampling.hop_at(self.fps), sampling.span
+        self.window_len, self.stride = sampling.window, sampling.stride
+        self.use_pts, self.tb = use_pts, stream.time_base
+        self.ring: np.ndarray | None = None  # (span, h, w, 3) uint8
+        self.owner = np.full(self.span, -1, np.int64)  # output frame held by each slot
+        self.src_of = np.zeros(self.span, np.int64)  # its source frame
+        self.t_of = np.zeros((self.span, 2), np.float64)  # its start, end seconds
+        self.size = None  # (w, h) of the first frame: later frames are scaled to it (mid-stream changes)
+        self.orient = (0, False)  # the first frame's display matrix (turn, mirror), as decode.py reads it
+        self.pts0 = None
+        self.k = 0  # the next window to complete
+
+    def _convert(self, frame) -> np.ndarray:
+        rgb = _to_rgb(frame, self.size, self.orient)  # may be a rotated / mirrored view
+        if self.short_side is None:
+            return rgb
+        return resize_short(torch.from_numpy(np.ascontiguousarray(rgb)[None]), self.short_side)[0].numpy()
+
+    def _store(self, i: int, j: int, t: tuple[float, float], frame) -> None:
+        rgb = self._convert(frame)
+        if self.ring is None:
+            self.ring = np.empty((self.span, *rgb.shape), np.uint8)
+        slot = i % self.span
+        self.ring[slot], self.owner[slot], self.src_of[slot], self.t_of[slot] = rgb, i, j, t
+        if self.stop.is_set():
+            raise Stopped  # the consumer went away: unwind and close the container
+
+    def _window(self, k: int, positions: np.ndarray, partial: bool) -> Window:
+        slots = positions % self.span
+        if not (self.owner[slots] == positions).all():  # a bookkeeping bug, never bad input
+            raise RuntimeError(f"ring buffer lost frames of window {k}")
+        return Window(k, float(self.t_of[slots[0], 0]), float(self.t_of[slots[-1], 1]), self.ring[slots],
+                      self.src_of[slots].copy(), partial)
+
+    def _offer(self, i: int, j: int, t: tuple[float, float], frame) -> Iterator[Window]:
+        """Output frame i (source frame j): kept if some window needs it; completes window k at its end."""
+        if not _needed(i, self.hop, self.span, self.stride):
+            return
+        self._store(i, j, t, frame)
+        if i == self.k * self.hop + self.span - 1:  # the last frame of window k: it is complete
+            k, self.k = self.k, self.k + 1
+            yield self._window(k, k * self.hop + self.stride * np.arange(self.window_len, dtype=np.int64),
+                               False)
+
+    def _time_of(self, i: int, frame=None) -> tuple[float, float]:
+        """(start, end) seconds of output frame i: i / fps and (i + 1) / fps (as clip_times has it), or
+        from the frame's pts relative to the first frame's, when the source's pts are used."""
+        if frame is None or self.resample or not self.use_pts or frame.pts is None or self.tb is None:
+            return i / self.fps, (i + 1) / self.fps
+        if self.pts0 is None:
+            self.pts0 = frame.pts
+        t = float((frame.pts - self.pts0) * Fraction(self.tb))
+        return t, t + 1.0 / self.fps
+
+    def _decoded(self, container, stream) -> Iterator[Any]:
+        """The source's frames in decode order; decoder failures and stalls as one-line VideoErrors."""
+        frames = container.decode(stream)
+        while not self.stop.is_set():
+            try:
+                frame = next(frames, None)
+            except av.error.ExitError:
+                raise VideoError(f"no frames from {quoted(self.src.name)} for {self.timeout:g} s (stalled "
+                                 "source)") from None
+            except (av.FFmpegError, OSError) as e:
+                raise VideoError(f"cannot decode {quoted(self.src.name)}: {_reason(e)}") from None
+            if frame is None:
+                return
+            if self.size is None:
+                check_geometry(Path(self.src.name), frame.width, frame.height)
+                self.size, self.orient = (frame.width, frame.height), _orientation(frame)
+            yield frame
+
+    def windows(self, container, stream) -> Iterator[Window]:
+        n_src, next_i, last = 0, 0, None  # source frames seen, next output frame, the last frame
+        for frame in self._decoded(container, stream):
+            j, n_src, last = n_src, n_src + 1, frame
+            if not self.resample:
+                yield from self._offer(j, j, self._time_of(j, frame), frame)
+                next_i = j + 1
+                continue
+            while _source_of(next_i, self.ratio) <= j:
+                i, next_i = next_i, next_i + 1
+                yield from self._offer(i, j, self._time_of(i), frame)
+        if self.stop.is_set():
+            return
+        if last is None:
+            raise VideoError(f"{quoted(self.src.name)} has no decodable frames")
+        yield from self._tail(n_src, next_i, last)
+
+    def _tail(self, n_src: int, next_i: int, last) -> Iterator[Window]:
+        """End of stream: output frames past the last source frame repeat it (resampling upwards), then
+        the tail rule's one partial window, its positions clamped to the last output frame."""
+        n_out = resampled_length(n_src, self.fps_in, self.fps) if self.resample else n_src
+        while next_i < n_out:
+            i, next_i = next_i, next_i + 1
+            yield from self._offer(i, n_src - 1, self._time_of(i), last)
+        k, hop = self.k, self.hop
+        covered = (k - 1) * hop + self.span if k else 0
+        if covered < n_out and k * hop < n_out:
+            if self.owner[(n_out - 1) % self.span] != n_out - 1:  # the frame the clamped indices repeat
+                self._store(n_out - 1, n_src - 1, self._time_of(n_out - 1, last), last)
+            positions = np.minimum(k * hop + self.stride * np.arange(self.window_len, dtype=np.int64),
+                                   n_out - 1)
+            yield self._window(k, positions, True)
+
+
 def _read_windows(src: _Source, sampling: DenseSampling, *, short_side: int | None, timeout: float,
                   open_timeout: float, input_fps: float | None, use_pts: bool, follow: bool,
                   fmt: str | None, options: dict[str, str] | None,
                   stop: threading.Event) -> Iterator[Window]:
-    """The sequential decoder behind `iter_windows` (runs in its thread)."""
+    """Open the source and run a `_WindowReader` over its first video stream (in the decoding thread)."""
     with _open(src, follow, timeout, open_timeout, fmt, options, stop) as container:
         stream = container.streams.video[0]
         if src.is_file:
             stream.thread_type = "AUTO"  # frame + slice threads; live sources keep the lower latency default
-        fps_in = float(input_fps) if input_fps else (_fps(stream) or DEFAULT_FPS)
-        fps = sampling.output_fps(fps_in)
-        resample = sampling.fps is not None
-        ratio = fps_in / fps
-        hop, span, L, stride = sampling.hop_at(fps), sampling.span, sampling.window, sampling.stride
-        tb = stream.time_base
-        ring = None  # (span, h, w, 3) uint8: output frame i lives in slot i % span
-        owner = np.full(span, -1, np.int64)  # output frame held by each slot
-        src_of = np.zeros(span, np.int64)
-        t_of = np.zeros((span, 2), np.float64)  # start, end of each held frame
-        size = None  # (w, h) of the first frame: later frames are scaled to it (mid-stream size changes)
-        orient = (0, False)  # the first frame's display matrix (turn, mirror), as decode.py reads it
-        pts0 = None
-        state = {"k": 0}
-
-        def convert(frame) -> np.ndarray:
-            rgb = _to_rgb(frame, size, orient)  # may be a rotated / mirrored view
-            if short_side is None:
-                return rgb
-            return resize_short(torch.from_numpy(np.ascontiguousarray(rgb)[None]), short_side)[0].numpy()
-
-        def store(i: int, j: int, t: tuple[float, float], frame) -> None:
-            nonlocal ring
-            rgb = convert(frame)
-            if ring is None:
-                ring = np.empty((span, *rgb.shape), np.uint8)
-            slot = i % span
-            ring[slot], owner[slot], src_of[slot], t_of[slot] = rgb, i, j, t
-            if stop.is_set():
-                raise Stopped  # the consumer went away: unwind and close the container
-
-        def window(k: int, positions: np.ndarray, partial: bool) -> Window:
-            slots = positions % span
-            if not (owner[slots] == positions).all():  # a bookkeeping bug, never bad input
-                raise RuntimeError(f"ring buffer lost frames of window {k}")
-            return Window(k, float(t_of[slots[0], 0]), float(t_of[slots[-1], 1]), ring[slots],
-                          src_of[slots].copy(), partial)
-
-        def arrived(i: int) -> Iterator[Window]:
-            k = state["k"]
-            if i == k * hop + span - 1:  # the last frame of window k: it is complete
-                state["k"] = k + 1
-                yield window(k, k * hop + stride * np.arange(L, dtype=np.int64), False)
-
-        def time_of(i: int, frame=None) -> tuple[float, float]:
-            """(start, end) seconds of output frame i: i / fps and (i + 1) / fps (as clip_times has it),
-            or from the frame's pts relative to the first frame's, when the source's pts are used."""
-            nonlocal pts0
-            if frame is None or resample or not use_pts or frame.pts is None or tb is None:
-                return i / fps, (i + 1) / fps
-            if pts0 is None:
-                pts0 = frame.pts
-            t = float((frame.pts - pts0) * Fraction(tb))
-            return t, t + 1.0 / fps
-
-        n_src, next_i, last = 0, 0, None
-        frames = container.decode(stream)
-        while True:
-            try:
-                frame = next(frames, None)
-            except av.error.ExitError:
-                raise VideoError(f"no frames from {quoted(src.name)} for {timeout:g} s (stalled source)") \
-                    from None
-            except (av.FFmpegError, OSError) as e:
-                raise VideoError(f"cannot decode {quoted(src.name)}: {_reason(e)}") from None
-            if frame is None or stop.is_set():
-                break
-            j, n_src = n_src, n_src + 1
-            if size is None:
-                check_geometry(Path(src.name), frame.width, frame.height)
-                size, orient = (frame.width, frame.height), _orientation(frame)
-            last = frame
-            if not resample:
-                t = time_of(j, frame)
-                if _needed(j, hop, span, stride):
-                    store(j, j, t, frame)
-                    yield from arrived(j)
-                next_i = j + 1
-                continue
-            while _source_of(next_i, ratio) <= j:
-                i, next_i = next_i, next_i + 1
-                if _needed(i, hop, span, stride):
-                    store(i, j, time_of(i), frame)
-                    yield from arrived(i)
-        if stop.is_set():
-            return
-        if last is None:
-            raise VideoError(f"{quoted(src.name)} has no decodable frames")
-        # end of stream: output frames past the last source frame repeat it (resampling upwards)
-        n_out = resampled_length(n_src, fps_in, fps) if resample else n_src
-        while next_i < n_out:
-            i, next_i = next_i, next_i + 1
-            if _needed(i, hop, span, stride):
-                store(i, n_src - 1, time_of(i), last)
-                yield from arrived(i)
-        k = state["k"]
-        covered = (k - 1) * hop + span if k else 0
-        if covered < n_out and k * hop < n_out:  # the tail rule: one partial window, clamped
-            if owner[(n_out - 1) % span] != n_out - 1:  # the frame the clamped indices repeat
-                store(n_out - 1, n_src - 1, time_of(n_out - 1, last), last)
-            positions = np.minimum(k * hop + stride * np.arange(L, dtype=np.int64), n_out - 1)
-            yield window(k, positions, True)
-
-
+        reader = _WindowReader(src, sampling, stream, short_side=short_side, timeout=timeout,
+                               input_fps=input_fps, use_pts=use_pts, stop=stop)
+        yield from reader.windows(container, stream)
 
 
 def iter_windows(source: str | os.PathLike, window: int, hop: int | None = None, stride: int = 1, *,
