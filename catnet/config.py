@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from catnet.errors import CatnetError
+from catnet.errors import CatnetError, quoted
 
 T = TypeVar("T")
 
@@ -98,6 +98,8 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             raise CatnetError(f"config key '{name}' must be {tp.__name__}, got {value!r}") from None
         if tp is int and isinstance(value, float) and value != out:
             raise CatnetError(f"config key '{name}' must be an integer, got {value!r}")
+        if tp is int and not -2**63 <= out < 2**63:  # what torch, numpy and the OS can take
+            raise CatnetError(f"config key '{name}' must be an integer of at most 63 bits, got {value!r}")
         return out
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -140,8 +142,12 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
-        raise CatnetError(f"unknown {cls.__name__} key(s): {', '.join(prefix + str(k) for k in unknown)}; "
-                          f"known: {', '.join(fields)}")
+        names = ", ".join(quoted(prefix + str(k)) for k in unknown)
+        raise CatnetError(f"unknown {cls.__name__} key(s): {names}; known: {', '.join(fields)}")
+    missing = [n for n, f in fields.items() if n not in data and f.init
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise CatnetError(f"{cls.__name__} needs key(s): {', '.join(prefix + n for n in missing)}")
     hints = typing.get_type_hints(cls)
     values = {}
     for k, v in data.items():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from test_predict import MeanColour, shared_tiny_run, write_tiny_video
+from test_stream import _free_port
 
 from catnet.cli import main
 from catnet.heads import build_head
@@ -167,12 +167,6 @@ for p in s.encode():
     out.mux(p)
 out.close()
 '''
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sender(tmp_path: Path, port: int, n: int, pace: float, stall: float = 0.0) -> subprocess.Popen:

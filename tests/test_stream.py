@@ -20,6 +20,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reliability_corpus import audio_only
+from test_video_decode import frame_ids, numbered
 
 from catnet.errors import CatnetError, VideoError
 from catnet.video import ClipSampling, probe, read_frames, sample_clips
@@ -33,23 +34,6 @@ from catnet.video.stream import (
     resampled_length,
 )
 from catnet.video.transforms import resize_short
-
-
-def numbered(n: int, h: int = 32, w: int = 48) -> np.ndarray:
-    """Frame i shows i as flat grey levels (left half i % 16, right half i // 16, steps of 16 survive lossy
-    codecs)."""
-    video = np.zeros((n, h, w, 3), np.uint8)
-    i = np.arange(n)
-    video[:, :, : w // 2] = ((i % 16) * 16 + 8)[:, None, None, None]
-    video[:, :, w // 2:] = ((i // 16) * 16 + 8)[:, None, None, None]
-    return video
-
-
-def frame_ids(frames: np.ndarray) -> np.ndarray:
-    w = frames.shape[2]
-    level = lambda part: np.round((part.astype(float).mean(axis=(1, 2, 3)) - 8) / 16).astype(int)  # noqa: E731
-    return level(frames[:, 2:-2, 2: w // 2 - 4]) + 16 * level(frames[:, 2:-2, w // 2 + 4: -2])
-
 
 # ------------------------------------------------------------------------------------------ index math
 

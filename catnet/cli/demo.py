@@ -21,8 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
-    if args.seeds is not None and args.seeds < 1:
-        raise CatnetError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.seeds is not None and not 1 <= args.seeds <= 100:  # each seed trains every variant again
+        raise CatnetError(f"--seeds must be between 1 and 100, got {args.seeds}")
     return demo_config(args.tiny, load_yaml(args.config) if args.config else None, out=args.out,
                        seeds=None if args.seeds is None else list(range(args.seeds)),
                        train=None if args.epochs is None else {"epochs": args.epochs})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -76,12 +77,12 @@ def _check(args: argparse.Namespace) -> None:
         raise CatnetError("--hop needs --window")
     for name in ("window", "hop"):
         value = getattr(args, name)
-        if value is not None and not value > 0:  # NaN too
-            raise CatnetError(f"--{name} must be a number of seconds > 0, got {value}")
-    if not args.timeout > 0:
-        raise CatnetError(f"--timeout must be > 0 seconds, got {args.timeout}")
-    if args.fps is not None and not args.fps > 0:
-        raise CatnetError(f"--fps must be > 0, got {args.fps}")
+        if value is not None and not 0 < value < math.inf:  # NaN too
+            raise CatnetError(f"--{name} must be a finite number of seconds > 0, got {value}")
+    if not 0 < args.timeout < math.inf:
+        raise CatnetError(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
+    if args.fps is not None and not 0 < args.fps <= 1000:
+        raise CatnetError(f"--fps must be > 0 and at most 1000, got {args.fps}")
 
 
 def build_predictor(args: argparse.Namespace) -> Predictor:

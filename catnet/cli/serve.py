@@ -4,6 +4,7 @@ looked (Grad-CAM over key frames) and, with --window, the label timeline under t
 from __future__ import annotations
 
 import argparse
+import math
 
 from catnet.errors import CatnetError
 from catnet.inference.predict import DEFAULT_PROFILE, PROFILES, Predictor
@@ -35,12 +36,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_app(args: argparse.Namespace) -> App:
     """The model (loaded once for the whole process), samples and limits from the command line."""
-    if args.max_mb <= 0:
-        raise CatnetError(f"--max-mb must be > 0, got {args.max_mb}")
+    if not 0 < args.max_mb <= 2**20:  # NaN and inf too; a TiB is no upload limit
+        raise CatnetError(f"--max-mb must be > 0 and at most {2**20}, got {args.max_mb}")
+    if not 0 <= args.port <= 65535:
+        raise CatnetError(f"--port must be between 0 and 65535, got {args.port}")
     for name in ("window", "hop"):
         value = getattr(args, name)
-        if value is not None and not value > 0:
-            raise CatnetError(f"--{name} must be a number of seconds > 0, got {value}")
+        if value is not None and not 0 < value < math.inf:
+            raise CatnetError(f"--{name} must be a finite number of seconds > 0, got {value}")
     if args.hop is not None and args.window is None:
         raise CatnetError("--hop needs --window")
     overrides = dict(num_clips=args.clips, num_crops=args.crops, clip_len=args.frames, profile=args.profile,

@@ -44,7 +44,7 @@ from catnet.features.loader import (
     raise_nonfinite,
     store_feature_dim,
 )
-from catnet.features.store import FeatureStore
+from catnet.features.store import FEATURE_KEYS, FeatureStore
 from catnet.heads import build_head
 from catnet.utils import distributed as dist
 from catnet.version import __version__
@@ -122,8 +122,6 @@ def feature_stats(store: FeatureStore, indices: list[int], info: dist.DistInfo) 
 
 VALIDATIONS = 30  # per run, when eval_every is not set
 
-# Manifest entries that say how a store's features were made; a resumed run must not change them.
-FEATURE_KEYS = ("backbone", "weights_id", "num_features", "sampling", "spatial")
 
 
 class HeadJob(Job):

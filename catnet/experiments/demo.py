@@ -202,7 +202,8 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
 
 def _recipe(t: TrainConfig) -> str:
     length = f"{t.epochs} epochs" if t.epochs else f"at least 90 epochs and {t.min_steps} steps"
-    sched = (f"{t.warmup_fraction:.0%} warmup + cosine" if t.schedule == "cosine"
+    warmup = (f"{t.warmup_epochs:g}-epoch" if t.warmup_epochs is not None else f"{t.warmup_fraction:.0%}")
+    sched = (f"{warmup} warmup + cosine" if t.schedule == "cosine"
              else f"x{t.lr_gamma} every {t.lr_step} epochs")
     return (f"{t.optimizer.upper()}{' Nesterov' if t.nesterov and t.optimizer == 'sgd' else ''} lr {t.lr:g}, "
             f"{sched}, weight decay {t.weight_decay:g}, batch {t.batch_size}, {length}"

@@ -422,7 +422,8 @@ class FeatureStore:
         return video_id in self._by_id
 
     def records(self) -> list[dict[str, Any]]:
-        """Per-video metadata (id, path, label, split, num_clips, num_crops) without reading features."""
+        """Per-video metadata (id, path, label, split, num_clips, num_crops, and group / fps where recorded)
+        without reading features."""
         return [dict(rec) for _, _, rec in self._build_index()]
 
     @property

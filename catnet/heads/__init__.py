@@ -19,6 +19,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from catnet.config import from_dict, load_yaml
@@ -71,7 +72,7 @@ def build_head(name: str, in_dim: int, num_classes: int, **options: Any) -> nn.M
                                     "num_classes": num_classes})
     if "logit_scale" not in options:
         config = dataclasses.replace(config, logit_scale=config.default_logit_scale())
-    return head_cls(config)
+    return _build(head_cls, config)
 
 
 def head_from_config(d: dict[str, Any]) -> nn.Module:
@@ -80,7 +81,22 @@ def head_from_config(d: dict[str, Any]) -> nn.Module:
     if not isinstance(d, dict) or "name" not in d:
         raise CatnetError("a head config must be a mapping with a 'name' key")
     config_cls, head_cls, preset = _lookup(d["name"])
-    return head_cls(from_dict(config_cls, {**preset, **d}))
+    return _build(head_cls, from_dict(config_cls, {**preset, **d}))
+
+
+# More parameters than this (4 GiB of float32) is a typo (--head-opt num_heads=1000000), not a head:
+# refused before anything is allocated.
+MAX_PARAMETERS = 2**30
+
+
+def _build(head_cls: type[VideoHead], config) -> nn.Module:
+    """The head, after counting its parameters on the meta device (no memory) against MAX_PARAMETERS."""
+    with torch.device("meta"):
+        count = sum(p.numel() for p in head_cls(config).parameters())
+    if count > MAX_PARAMETERS:
+        raise CatnetError(f"a {config.name} head with these options would have {count:,} parameters "
+                          f"(more than {MAX_PARAMETERS:,}): check num_heads / fc_dim / in_dim / num_classes")
+    return head_cls(config)
 
 
 def load_head_preset(path: str | Path) -> tuple[str, dict[str, Any]]:

@@ -2,7 +2,7 @@
 
 With a trained run, clip features from the run's backbone go through its head; the head's local
 attention α (Eq. 2) says how much each clip contributed. We report, per clip I_j, Σ_i α_ij (summed
-over the N heads, as in the paper's Fig. 6 analysis), averaged over the crops of that clip and
+over the N heads and over the crops of that clip, as in the paper's Fig. 6 analysis) and
 normalised to sum to 1 over the clips.
 
 Without a run, the pretrained Inception-I3D classifies every view and the softmax scores are averaged

@@ -3,7 +3,7 @@ the attention timeline over its clips, Grad-CAM maps over the key frames of the 
 most (explain.py) and, with a window length, the label timeline under the video (timeline.py).
 
 Standard library only (ThreadingHTTPServer). Routes:
-  GET  /                       the page (catnet/serve_static/index.html, app.js, style.css)
+  GET  /                       the page (catnet/inference/serve_static/index.html, app.js, style.css)
   GET  /api/info               model, settings, samples, upload limits
   GET  /samples/NAME           a sample video itself (the page plays it)
   POST /api/predict?sample=S   predict a bundled sample
