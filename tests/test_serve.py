@@ -167,7 +167,8 @@ def test_cli_settings_are_cheap_by_default(tmp_path, monkeypatch):
     (tmp_path / "more" / "notes.txt").write_text("not listed")
     app = build_app(_args("--checkpoint", str(shared_tiny_run()), "--samples", str(tmp_path / "more")))
     info = app.info()
-    assert info["settings"] == {"clips": 4, "frames": 4, "crops": 1, "crop": 32}  # run: 3 clips x 3 crops
+    # fast's budget holds all of the tiny run's views (3 clips x 3 crops of 4 frames at 32 px)
+    assert info["settings"] == {"clips": 3, "frames": 4, "crops": 3, "crop": 32}
     assert info["samples"] == ["extra.mp4", "moving_square.mp4"] and info["max_bytes"] == 100 * 2**20
     assert info["attention"] is True
 

@@ -55,21 +55,39 @@ class Profile:
     crop: int | None  # crop side in pixels (the short side is scaled with it)
     precision: str  # "fp32" or "bf16" (CPU autocast; fp32 where the CPU has no native bf16)
     compile: bool = False  # torch.compile the backbone (inductor cache in $CATNET_HOME/inductor)
+    # With `clips` None: the most of the model's views that fit in this many frame-pixels per video
+    # (views x frames x crop^2): first clips with `crops` crop(s), then 3 crops once every clip fits.
+    budget: int | None = None
 
     def describe(self) -> str:
         def own(v, unit):
             return f"{v}{unit}" if v is not None else f"model's{unit}"
 
         frames = own(self.max_frames, " frames")
-        return (f"{own(self.clips, ' clips')} x {self.crops} crop(s) x {frames} (at most), "
+        clips = own(self.clips, " clips") if self.budget is None else "views within the budget"
+        return (f"{clips} x {self.crops} crop(s) x {frames} (at most), "
                 f"{own(self.crop, ' px')}, {self.precision}, compile {'on' if self.compile else 'off'}")
 
 
-# The profiles `--profile` names. PROVISIONAL: an accuracy/time table is being measured
-# (docs/benchmarks.md) and the lead sets the final `fast` values (and the default) from it.
+def fit_budget(budget: int, num_clips: int, clip_len: int, crop: int, crops: int) -> tuple[int, int]:
+    """(clips, crops) of the model's `num_clips` clips that fit in `budget` frame-pixels: as many clips
+    as fit with `crops` crop(s) (at least 1), and 3 crops when all clips fit three times."""
+    per_view = clip_len * crop * crop
+    views = max(1, budget // per_view)
+    if crops == 1 and 3 * num_clips <= views:
+        return num_clips, 3
+    return max(1, min(num_clips, views // crops)), crops
+
+
+# The profiles `--profile` names. `fast` was picked from the accuracy/time table of
+# benchmarks/predict.py (docs/benchmarks.md, "Prediction profiles"): the cheapest setting measured whose
+# top-1 stays within a point of `accurate` (the paper's 10 x 3 views) on ucf6 val and the shared clips.
+# Its budget is 4 views of 32 frames at 224 px: for the pretrained I3D 4 clips x 1 crop; for a run on
+# smaller features (e.g. 16 frames at 112 px) all of its clips x 3 crops, which an attention head needs.
+FAST_BUDGET = 4 * 32 * 224 * 224
 PROFILES: dict[str, Profile] = {
     "accurate": Profile(clips=None, crops=3, max_frames=None, crop=None, precision="fp32"),
-    "fast": Profile(clips=4, crops=1, max_frames=32, crop=None, precision="bf16"),
+    "fast": Profile(clips=None, crops=1, max_frames=32, crop=None, precision="bf16", budget=FAST_BUDGET),
 }
 DEFAULT_PROFILE = "fast"
 
@@ -317,12 +335,15 @@ def resolve(profile: str | None, sampling: ClipSampling, spatial: SpatialConfig,
         raise CatnetError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
     p = PROFILES[profile] if profile is not None else Profile(None, spatial.num_crops, None, None, "fp32")
     frames = clip_len or (min(p.max_frames, sampling.clip_len) if p.max_frames else sampling.clip_len)
-    sampling = dataclasses.replace(sampling, num_clips=num_clips or p.clips or sampling.num_clips,
-                                   clip_len=frames)
-    spatial = dataclasses.replace(spatial, num_crops=num_crops or p.crops)
     if p.crop is not None and p.crop != spatial.crop:  # keep the short side : crop ratio of the model
         short = max(p.crop, round(spatial.short_side * p.crop / spatial.crop))
         spatial = dataclasses.replace(spatial, crop=p.crop, short_side=short)
+    clips, crops = p.clips or sampling.num_clips, p.crops
+    if p.budget is not None and p.clips is None:
+        clips, crops = fit_budget(p.budget, sampling.num_clips, frames, spatial.crop,
+                                  num_crops or p.crops)
+    sampling = dataclasses.replace(sampling, num_clips=num_clips or clips, clip_len=frames)
+    spatial = dataclasses.replace(spatial, num_crops=num_crops or crops)
     return dict(sampling=sampling, spatial=spatial, precision=p.precision, profile=profile,
                 compile=p.compile if compile is None else bool(compile))
 
