@@ -177,10 +177,15 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
+def slug(label: str) -> str:
+    """'local w/o FC-Norm' -> 'local_wo_FC-Norm': one folder name."""
+    return label.replace(" ", "_").replace("/", "")
+
+
 def old_sweep(store: Path, work: Path, name: str, head: str, options: dict, measure: str) -> dict:
     """Seed 0 of catnet 0.2's defaults for every lr x schedule of SWEEP; the best is picked on the
     measured split itself (an oracle: optimistic by construction)."""
-    label = variant_label(head, options).replace(" ", "_")
+    label = slug(variant_label(head, options))
     rows = []
     for point in SWEEP:
         run_dir = work / "sweep" / name / label / f"lr{point['lr']:g}_{point['schedule']}"
@@ -196,6 +201,29 @@ def heads(chosen: list[str] | None) -> list[tuple[str, dict]]:
     return [(n, o) for n, o in rows if chosen is None or n in chosen or variant_label(n, o) in chosen]
 
 
+def pct(stat: dict | None) -> str:
+    return "-" if not stat else f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
+
+def print_tables(out: dict) -> None:
+    """docs/training.md's tables from the JSON: per dataset, every head beside the linear reference."""
+    for name, entry in out["datasets"].items():
+        ref = entry["reference"]
+        print(f"\n{name}: measured on {entry['measured_on']} ({ref['n']} videos), {entry['classes']} "
+              f"classes, ½ ln C = {entry['half_ln_c']:.3f}\n")
+        print("| head | recipe top-1 | top-5 | final train loss | catnet 0.2 sweep: best top-1 (lr, "
+              "schedule) |")
+        print("|---|---|---|---|---|")
+        for label, h in entry["heads"].items():
+            sweep = h.get("old_sweep", {}).get("best")
+            cell = "-" if not sweep else f"{100 * sweep['top1']:.1f} ({sweep['lr']:g}, {sweep['schedule']})"
+            loss = h.get("train_loss")
+            loss = "-" if not loss else f"{loss['mean']:.3f}"
+            print(f"| {label} | {pct(h.get('top1'))} | {pct(h.get('top5'))} | {loss} | {cell} |")
+        print(f"| linear reference (λ = {ref['lam']:.1e}) | {100 * ref['top1']:.1f} | "
+              f"{100 * ref['top5']:.1f} | {ref['train_loss']:.3f} | |")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
@@ -207,7 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true",
                    help="also run catnet 0.2's defaults over lr x schedule (seed 0) for each head")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "recipe.json")
+    p.add_argument("--table", action="store_true", help="only print the tables of --out")
     args = p.parse_args(argv)
+    if args.table:
+        print_tables(json.loads(args.out.read_text()))
+        return 0
     torch.set_num_threads(args.threads)
     out = {"machine": {"threads": args.threads, "torch": torch.__version__}, "datasets": {}}
     if args.out.is_file():  # keep earlier datasets when running a subset
@@ -223,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: linear reference top-1 {100 * entry['reference']['top1']:.1f}", file=sys.stderr)
         for head, options in heads(args.heads):
             label = variant_label(head, options)
-            runs = [run_head(store, args.work / "runs" / name / label.replace(" ", "_") / f"seed{s}", head,
+            folder = args.work / "runs" / name / slug(label)
+            runs = [run_head(store, folder / f"seed{s}", head,
                              options, s, measure) for s in range(args.seeds)]
             entry["heads"][label] = {"runs": runs, **summarise(runs)}
             if args.sweep and head != "linear":

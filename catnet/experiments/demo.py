@@ -285,7 +285,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
                               for seed in cfg.seeds))
     jobs = [(name, dict(opts), seed) for name, opts, seed in jobs]
     print(f"[demo] 3/5 training {len(jobs)} runs ({len(jobs) // len(cfg.seeds)} variants x "
-          f"{len(cfg.seeds)} seeds, {cfg.train.epochs} epochs each)", file=sys.stderr)
+          f"{len(cfg.seeds)} seeds; {_recipe(cfg.train)})", file=sys.stderr)
     runs = train_all(cfg, store, out, jobs, progress)
     stage("training")
 
