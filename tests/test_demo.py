@@ -30,6 +30,8 @@ def test_tiny_demo_end_to_end_and_cached_rerun(tmp_path, capsys):
     assert len(res["runs"]) == 7  # 5 Table-1 rows + N=1 x {concat, sum}, one seed
     for r in res["runs"].values():
         assert 0 <= r["top1"] <= r["top5"] <= 1 and r["n"] == 3
+        assert r["selected_on"] != "test"  # validation came from training videos
+    assert res["selected_on_test"] == [] and "selected on test" not in printed.err
     md = (out / "report" / "report.md").read_text()
     for png in ("fig4_class_delta.png", "fig5_accuracy_distribution.png", "fig6_attention.png"):
         assert (out / "report" / png).is_file() and png in md
@@ -69,3 +71,11 @@ def test_changed_learning_rate_retrains_instead_of_reusing(tmp_path):
     assert main(["demo", "--tiny", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
     run = json.loads((out / "runs" / "avgpool" / "seed0" / "run.json").read_text())
     assert run["train"]["lr"] == 0.001 and ckpt.stat().st_mtime_ns != before
+
+
+def test_runs_validated_on_test_are_named():
+    from catnet.experiments.demo import selected_on_test
+
+    results = {("catnet", 0): {"selected_on": "test"}, ("avgpool", 0): {"selected_on": "train"},
+               ("local", 1): {"selected_on": None}}
+    assert selected_on_test(results) == ["catnet/seed0"]

@@ -132,8 +132,14 @@ def evaluate_all(runs: dict[tuple[str, int], Path], store: Path) -> dict[tuple[s
     out = {}
     for key, run_dir in runs.items():
         r = evaluate_run(run_dir, store, "test", which="last")
-        out[key] = {"top1": r["top1"], "top5": r["top5"], "mean_class_acc": r["mean_class_acc"], "n": r["n"]}
+        out[key] = {"top1": r["top1"], "top5": r["top5"], "mean_class_acc": r["mean_class_acc"], "n": r["n"],
+                    "selected_on": r["selected_on"]}
     return out
+
+
+def selected_on_test(results: dict[tuple[str, int], dict[str, Any]]) -> list[str]:
+    """The runs that validated on the test split (a demo config with `train.val_split: test`)."""
+    return [f"{k[0]}/seed{k[1]}" for k, r in results.items() if r.get("selected_on") == "test"]
 
 
 def summarise(results: dict[tuple[str, int], dict], key: str, seeds: list[int]) -> dict[str, float]:
@@ -293,6 +299,11 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     results = evaluate_all(runs, store)
     rows1, rows2 = table_rows(cfg, results)
     print_tables(rows1, rows2, len(cfg.seeds))
+    on_test = selected_on_test(results)
+    if on_test:
+        print(f"[demo] note: selected on test: {len(on_test)} run(s) validated on the test split "
+              "(train.val_split: test), so their checkpoints and these numbers are not independent of it",
+              file=sys.stderr)
     stage("evaluation")
 
     print("[demo] 5/5 report", file=sys.stderr)
@@ -301,7 +312,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     summary = {"config": to_dict(cfg), "store": str(store), "report": str(md), "timings_s": timings,
                "table1": rows1, "table2": rows2,
                "attention_ratio": {k: [float(x) for x in v] for k, v in attention.items()},
-               "runs": {f"{k[0]}/seed{k[1]}": v for k, v in results.items()}}
+               "runs": {f"{k[0]}/seed{k[1]}": v for k, v in results.items()},
+               "selected_on_test": on_test}
     atomic_write_json(out / "results.json", summary)
     print(f"[demo] done in {sum(timings.values()):.0f}s; report: {md}", file=sys.stderr)
     return summary
