@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 
@@ -40,6 +41,33 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def add_cost_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, profiles, default: str) -> None:
+    """The predictor's cost flags, shared by `predict` and `serve`: --profile and what overrides it."""
+    p.add_argument("--profile", choices=tuple(profiles), default=default,
+                   help="; ".join(f"{n}: {pr.describe()}" for n, pr in profiles.items())
+                   + f" (default {default})")
+    p.add_argument("--clips", type=int, help="clips per video K (default: the profile's)")
+    p.add_argument("--crops", type=int, help="spatial crops per clip, 1 or 3 (default: the profile's)")
+    p.add_argument("--frames", type=int, help="frames per clip L (default: the profile's)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the backbone (one-off compile, cached in $CATNET_HOME/inductor; "
+                        "default: the profile's)")
+
+
+def cost_overrides(args: argparse.Namespace) -> dict:
+    """Predictor.pretrained / from_run keyword arguments from add_cost_arguments' flags."""
+    return dict(profile=args.profile, num_clips=args.clips, num_crops=args.crops, clip_len=args.frames,
+                compile=args.compile)
+
+
+def check_seconds(args: argparse.Namespace, *names: str) -> None:
+    """Each named option, when given, is a finite number of seconds > 0 (NaN and inf refused)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not 0 < value < math.inf:
+            raise CatnetError(f"--{name} must be a finite number of seconds > 0, got {value}")
 
 
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:

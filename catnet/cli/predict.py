@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 from pathlib import Path
 
+from catnet.cli import add_cost_arguments, check_seconds, cost_overrides
 from catnet.errors import CatnetError, VideoError, quoted
 from catnet.inference.explain import png_bytes
 from catnet.inference.predict import DEFAULT_PROFILE, PROFILES, Prediction, Predictor, format_human
@@ -38,16 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true",
                    help="print the settings used and the time per video (decode, backbone, head) to stderr")
     cost = p.add_argument_group("cost (a profile; explicit --clips/--crops/--frames override it)")
-    cost.add_argument("--profile", choices=tuple(PROFILES), default=DEFAULT_PROFILE,
-                      help="; ".join(f"{n}: {pr.describe()}" for n, pr in PROFILES.items())
-                      + f" (default {DEFAULT_PROFILE})")
-    cost.add_argument("--clips", type=int, help="clips per video K (default: the profile's)")
-    cost.add_argument("--crops", type=int, help="spatial crops per clip, 1 or 3 (default: the profile's)")
-    cost.add_argument("--frames", type=int, help="frames per clip L (default: the profile's)")
+    add_cost_arguments(cost, PROFILES, DEFAULT_PROFILE)
     cost.add_argument("--batch-size", type=int, default=4, help="views per backbone forward pass")
-    cost.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                      help="torch.compile the backbone (one-off compile, cached in $CATNET_HOME/inductor; "
-                           "default: the profile's)")
     where = p.add_argument_group("where (Grad-CAM over the key frames of the 3 clips that mattered most)")
     where.add_argument("--explain", action="store_true", help="add saliency maps (JSON: \"explain\")")
     where.add_argument("--explain-out", metavar="DIR", help="also write the overlays as PNG files to DIR")
@@ -75,22 +67,17 @@ def _check(args: argparse.Namespace) -> None:
         raise CatnetError("--explain works on whole videos, not with --window or --source")
     if args.hop is not None and args.window is None and not args.source:
         raise CatnetError("--hop needs --window")
-    for name in ("window", "hop"):
-        value = getattr(args, name)
-        if value is not None and not 0 < value < math.inf:  # NaN too
-            raise CatnetError(f"--{name} must be a finite number of seconds > 0, got {value}")
-    if not 0 < args.timeout < math.inf:
-        raise CatnetError(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
+    check_seconds(args, "window", "hop", "timeout")
     if args.fps is not None and not 0 < args.fps <= 1000:
         raise CatnetError(f"--fps must be > 0 and at most 1000, got {args.fps}")
 
 
 def build_predictor(args: argparse.Namespace) -> Predictor:
-    overrides = dict(num_clips=args.clips, num_crops=args.crops, clip_len=args.frames, compile=args.compile)
+    overrides = cost_overrides(args)
     if args.checkpoint:
-        predictor = Predictor.from_run(args.checkpoint, which=args.which, profile=args.profile, **overrides)
+        predictor = Predictor.from_run(args.checkpoint, which=args.which, **overrides)
     else:
-        predictor = Predictor.pretrained(profile=args.profile, **overrides)
+        predictor = Predictor.pretrained(**overrides)
     predictor.batch_size = max(1, args.batch_size)
     if args.verbose:
         print(f"catnet predict: {predictor.describe()}", file=sys.stderr)

@@ -4,8 +4,8 @@ looked (Grad-CAM over key frames) and, with --window, the label timeline under t
 from __future__ import annotations
 
 import argparse
-import math
 
+from catnet.cli import add_cost_arguments, check_seconds, cost_overrides
 from catnet.errors import CatnetError
 from catnet.inference.predict import DEFAULT_PROFILE, PROFILES, Predictor
 from catnet.inference.serve import App, find_samples, make_server
@@ -17,15 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", metavar="RUN", help="trained run (default: pretrained Inception-I3D)")
     p.add_argument("--samples", action="append", metavar="DIR", help="extra folder of sample videos")
     p.add_argument("--max-mb", type=float, default=100.0, help="upload size limit in MB (default 100)")
-    p.add_argument("--profile", choices=tuple(PROFILES), default=DEFAULT_PROFILE,
-                   help="; ".join(f"{n}: {pr.describe()}" for n, pr in PROFILES.items())
-                   + f" (default {DEFAULT_PROFILE}: cheap on CPU)")
-    p.add_argument("--clips", type=int, help="clips per video (default: the profile's)")
-    p.add_argument("--crops", type=int, help="crops per clip, 1 or 3 (default: the profile's)")
-    p.add_argument("--frames", type=int, help="frames per clip (default: the profile's)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the backbone (compiled at the first request, cached in "
-                        "$CATNET_HOME/inductor; default: the profile's)")
+    add_cost_arguments(p, PROFILES, DEFAULT_PROFILE)
     p.add_argument("--no-explain", action="store_true",
                    help="skip the Grad-CAM maps (a backward pass of the backbone for each of 3 clips)")
     p.add_argument("--window", type=float, metavar="S",
@@ -40,14 +32,10 @@ def build_app(args: argparse.Namespace) -> App:
         raise CatnetError(f"--max-mb must be > 0 and at most {2**20}, got {args.max_mb}")
     if not 0 <= args.port <= 65535:
         raise CatnetError(f"--port must be between 0 and 65535, got {args.port}")
-    for name in ("window", "hop"):
-        value = getattr(args, name)
-        if value is not None and not 0 < value < math.inf:
-            raise CatnetError(f"--{name} must be a finite number of seconds > 0, got {value}")
+    check_seconds(args, "window", "hop")
     if args.hop is not None and args.window is None:
         raise CatnetError("--hop needs --window")
-    overrides = dict(num_clips=args.clips, num_crops=args.crops, clip_len=args.frames, profile=args.profile,
-                     compile=args.compile)
+    overrides = cost_overrides(args)
     if args.checkpoint:
         predictor, model = Predictor.from_run(args.checkpoint, **overrides), f"run {args.checkpoint}"
     else:

@@ -62,6 +62,14 @@ def group_names(ids: Sequence[str], groups: Sequence[str] | None) -> list[str]:
     return [f"group:{g}" if g else f"id:{i}" for i, g in zip(ids, groups, strict=True)]
 
 
+def group_members(names: Sequence[str]) -> dict[str, list[int]]:
+    """Group name -> the indices of its items, in item order."""
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, g in enumerate(names):
+        members[g].append(i)
+    return members
+
+
 def holdout(ids: Sequence[str], labels: np.ndarray, fraction: float,
             groups: Sequence[str] | None = None) -> list[bool]:
     """Which items validate: per class, the first round(fraction x its groups) groups (at least one when
@@ -69,9 +77,7 @@ def holdout(ids: Sequence[str], labels: np.ndarray, fraction: float,
     only while every class it holds keeps a training group. Without groups this is the per-class hash
     hold-out of catnet 0.1 (each video its own group)."""
     names = group_names(ids, groups)
-    members: dict[str, list[int]] = defaultdict(list)
-    for i, g in enumerate(names):
-        members[g].append(i)
+    members = group_members(names)
     labels = np.asarray(labels)
     classes_of = {g: sorted({int(labels[i]) for i in m}) for g, m in members.items()}
     groups_left: dict[int, int] = defaultdict(int)  # training groups per class
@@ -99,10 +105,7 @@ def group_kfold(labels: np.ndarray, k: int, ids: Sequence[str], groups: Sequence
     class, then the smallest fold), groups taken largest first, ties in sha1 order. Deterministic."""
     if k < 2:
         raise CatnetError(f"k-fold needs k >= 2, got {k}")
-    names = group_names(ids, groups)
-    members: dict[str, list[int]] = defaultdict(list)
-    for i, g in enumerate(names):
-        members[g].append(i)
+    members = group_members(group_names(ids, groups))
     if len(members) < k:
         raise CatnetError(f"{len(members)} groups cannot fill {k} folds")
     labels = np.asarray(labels)
