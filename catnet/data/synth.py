@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from catnet.config import check_fields
 from catnet.errors import CatnetError
 from catnet.utils.io import atomic_write_json, atomic_write_text
 from catnet.video.encode import write_video
@@ -149,6 +150,9 @@ class SynthConfig:
     action_max: float = 0.3
     test_fraction: float = 0.25
 
+    def __post_init__(self) -> None:
+        check_fields(self)  # every float finite (a YAML .nan or .inf is refused here)
+
     def check(self) -> None:
         if not 2 <= self.num_classes <= len(CLASSES):
             raise CatnetError(f"--classes must be between 2 and {len(CLASSES)}, got {self.num_classes}")
@@ -163,6 +167,8 @@ class SynthConfig:
             raise CatnetError("need 0 < action_min <= action_max < 1")
         if not 0 < self.test_fraction < 1:
             raise CatnetError(f"test fraction must be in (0, 1), got {self.test_fraction}")
+        if not 1 <= self.fps <= 240:
+            raise CatnetError(f"fps must be between 1 and 240, got {self.fps}")
 
 
 # ------------------------------------------------------------------------------------- rendering
