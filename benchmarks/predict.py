@@ -7,7 +7,9 @@
     python benchmarks/predict.py accuracy ../shared/data/ucf6/videos.csv --split val --run RUN \
         --variants accurate fast
 
-A variant is a profile name with optional overrides: `fast,frames=64,clips=2,crops=3,precision=fp32`.
+A variant is a profile name with optional overrides: `fast,frames=64,clips=2,crops=3,precision=fp32`;
+for `time` also `heap=system` (the process runs with CATNET_MALLOC=system: glibc's default allocator
+instead of catnet's held freed memory, catnet/utils/memory.py).
 
 `time` runs `catnet predict VIDEO --profile P [--clips/--crops/--frames] --json` in a fresh process per
 call (interpreter start to exit: what a user waits for), the variants interleaved round by round, and
@@ -63,6 +65,8 @@ def parse_variant(text: str) -> tuple[str, dict[str, int], str | None]:
         key, _, value = item.partition("=")
         if key == "precision":
             precision = value
+        elif key == "heap":
+            continue  # read by time_variants
         elif key in OVERRIDES:
             overrides[OVERRIDES[key]] = int(value)
         else:
@@ -121,7 +125,8 @@ def time_variants(args) -> dict:
                    *cli_args(variant)]
             load = os.getloadavg()[0]
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+            env = {**os.environ, "CATNET_MALLOC": "system"} if "heap=system" in variant else None
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
             wall = time.perf_counter() - t0
             if proc.returncode:
                 raise SystemExit(f"{variant}: {proc.stderr.strip().splitlines()[-1]}")

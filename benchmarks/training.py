@@ -116,7 +116,11 @@ EPOCH_CHILD = r"""
 import json, resource, sys, time
 import catnet.engine.train
 from catnet.engine.train import TrainConfig, train
-store, out, device, views, head, opts, batch, workers, cold, amp, bench_dir = sys.argv[1:12]
+store, out, device, views, head, opts, batch, workers, cold, amp, bench_dir, heap = sys.argv[1:13]
+if heap == "held":  # what `catnet train` does (catnet/utils/memory.py)
+    from catnet.utils.memory import hold_freed_memory
+    if not hold_freed_memory():
+        raise SystemExit("--heap held: this C library cannot hold freed memory (glibc only)")
 if cold == "1":
     # train() reads every feature once before the first epoch (the NaN/Inf check), which warms the
     # page cache; drop it again when the epoch's loader is made, so the epoch itself reads cold.
@@ -143,7 +147,7 @@ def epoch(store: Path, work: Path, args, views: int, spec: str, workers: int) ->
     try:
         cmd = [sys.executable, "-c", EPOCH_CHILD, str(store), str(out), args.device, str(views), name,
                json.dumps(opts), str(args.batch), str(workers), "1" if args.cold else "0", args.amp or "",
-               str(Path(__file__).resolve().parent)]
+               str(Path(__file__).resolve().parent), args.heap]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
             raise RuntimeError(f"training failed: {res.stderr.strip()[-2000:]}")
@@ -254,6 +258,8 @@ def main() -> None:
                    help="heads to train, NAME[:opt=value,...] (default: avgpool and the paper's CATNet)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--amp", default=None, help="head-training autocast: bf16 or fp16 (TrainConfig.amp)")
+    p.add_argument("--heap", choices=("held", "system"), default="held",
+                   help="held: freed memory stays in the process (as `catnet train`); system: glibc's")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1], help="DataLoader worker counts")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--cold", action=argparse.BooleanOptionalAction, default=True,
@@ -278,7 +284,7 @@ def main() -> None:
                "store": {"videos": videos, "views": VIEWS, "dim": DIM, "dtype": "float16",
                          "scale_of_kinetics": videos / KINETICS_VIDEOS, "cold_cache": args.cold},
                "train": {"heads": args.heads, "train_views": args.views, "batch": args.batch, "amp": args.amp,
-                         "workers": args.workers}}
+                         "workers": args.workers, "heap": args.heap}}
     try:
         if (store / "manifest.json").is_file():
             from catnet.features.store import FeatureStore

@@ -14,6 +14,7 @@ import os
 import sys
 
 from catnet.errors import CatnetError
+from catnet.utils.memory import hold_freed_memory
 from catnet.version import __version__
 
 # verb -> (module, one-line help). Order is the order of the data flow.
@@ -34,6 +35,12 @@ VERBS: dict[str, tuple[str, str]] = {
     "reproduce": ("catnet.cli.reproduce", "run the paper's protocol end to end on a dataset"),
     "serve": ("catnet.cli.serve", "web page: upload a video, see its top-5, attention timeline and Grad-CAM"),
 }
+
+# Verbs whose process keeps freed memory (catnet/utils/memory.py): their large blocks recur in the same
+# sizes step after step. The others hold whole decoded videos of varying size one after another, which
+# fragment a heap that is never trimmed (extract at the paper's settings: 2.1x the peak RSS for 1.09x the
+# speed; docs/benchmarks.md section 4).
+HOLDS_MEMORY = frozenset({"train", "eval", "predict"})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(VERBS[args.verb][0])
+    if args.verb in HOLDS_MEMORY:
+        hold_freed_memory()
     try:
         return int(module.run(args) or 0)
     except CatnetError as e:

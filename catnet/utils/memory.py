@@ -1,0 +1,58 @@
+"""Keep freed memory in the process instead of handing it back to the kernel (glibc malloc).
+
+glibc serves every allocation above its mmap threshold (128 KB to 32 MB) with a fresh `mmap` and
+unmaps it on free, and trims the heap's top as soon as 128 KB are free there. A training step or a
+backbone forward allocates and frees the same large tensors every time, so each one faults its pages
+in anew: about 40,000 page faults per CATNet head step. Holding freed memory is what the tcmalloc /
+jemalloc preloads of PyTorch's CPU performance guide buy; `mallopt` gets it without a preload. The
+cost is a higher resident set (freed memory stays mapped), measured beside the speed-up in
+docs/benchmarks.md section 4.
+
+`catnet train`, `eval` and `predict` call `hold_freed_memory()` once per process (catnet.cli.HOLDS_MEMORY
+says which verbs, and why not the others); library callers may call it themselves. It changes nothing
+when `CATNET_MALLOC=system`, when the user tuned glibc through its own `MALLOC_*` variables, or when the
+C library is not glibc (musl, macOS, Windows).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+# <malloc.h>
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+_TRIM_NEVER = 2**31 - 1  # mallopt takes an int
+_USER_KNOBS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_",
+               "MALLOC_ARENA_MAX")
+
+_held = False
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def hold_freed_memory() -> bool:
+    """Serve large allocations from the heap and never trim it, for the rest of the process. True when
+    this call or an earlier one changed the allocator, False when it was left alone (see the module)."""
+    global _held
+    if _held:
+        return True
+    if os.environ.get("CATNET_MALLOC", "hold") == "system" or any(k in os.environ for k in _USER_KNOBS):
+        return False
+    libc = _glibc()
+    if libc is None:
+        return False
+    # Both or neither: without mmap every large block comes from the heap, and a heap that is trimmed
+    # at 128 KB of free top would fault the same pages in again.
+    if libc.mallopt(M_MMAP_MAX, 0) != 1 or libc.mallopt(M_TRIM_THRESHOLD, _TRIM_NEVER) != 1:
+        return False
+    _held = True
+    return True
