@@ -211,7 +211,9 @@ def test_live_windows_arrive_while_the_stream_runs_and_end_cleanly(tmp_path):
 def test_ctrl_c_stops_cleanly_with_a_summary(tmp_path):
     port = _free_port()
     reader = _live(port)
-    sender = _sender(tmp_path, port, n=400, pace=0.04)  # 16 s: far longer than the test
+    # 80 s: far longer than the test even on a loaded machine, where the first window can take over
+    # 16 s and a shorter stream would already have ended (status "end of stream")
+    sender = _sender(tmp_path, port, n=2000, pace=0.04)
     try:
         first = json.loads(reader.stdout.readline())
         assert first["type"] == "window"
