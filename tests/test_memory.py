@@ -5,13 +5,13 @@ child process."""
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
 
 import catnet.cli
+from catnet.utils.memory import glibc
 
 # Page faults per round of a classifier-sized backward (its 105 MB weight gradient is above glibc's
 # largest mmap threshold, so by default it is mapped and unmapped every round); prints "HELD FAULTS".
@@ -31,7 +31,7 @@ for _ in range(10):
 print(held, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) // 10)
 """
 
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+GLIBC = glibc() is not None
 
 
 def child(hold: bool, **env: str) -> tuple[bool, int]:

@@ -24,13 +24,15 @@ import platform
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 _TRIM_NEVER = 2**31 - 1  # mallopt takes an int
+_MMAP_MAX_DEFAULT = 65536  # glibc's DEFAULT_MMAP_MAX
 _USER_KNOBS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_",
                "MALLOC_ARENA_MAX")
 
 _held = False
 
 
-def _glibc() -> ctypes.CDLL | None:
+def glibc() -> ctypes.CDLL | None:
+    """The process's glibc, or None when the C library is another one."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
@@ -47,12 +49,15 @@ def hold_freed_memory() -> bool:
         return True
     if os.environ.get("CATNET_MALLOC", "hold") == "system" or any(k in os.environ for k in _USER_KNOBS):
         return False
-    libc = _glibc()
+    libc = glibc()
     if libc is None:
         return False
     # Both or neither: without mmap every large block comes from the heap, and a heap that is trimmed
     # at 128 KB of free top would fault the same pages in again.
-    if libc.mallopt(M_MMAP_MAX, 0) != 1 or libc.mallopt(M_TRIM_THRESHOLD, _TRIM_NEVER) != 1:
+    if libc.mallopt(M_MMAP_MAX, 0) != 1:
+        return False
+    if libc.mallopt(M_TRIM_THRESHOLD, _TRIM_NEVER) != 1:
+        libc.mallopt(M_MMAP_MAX, _MMAP_MAX_DEFAULT)
         return False
     _held = True
     return True
