@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 # Spinning OpenMP threads make tests many times slower when processes share the 2 cores (torchrun tests,
@@ -17,6 +18,18 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture
+def sigint_handled():
+    """Ctrl-C raises KeyboardInterrupt during the test, and in the processes it starts, also when the suite
+    itself inherited SIGINT ignored (a background job, nohup): Python then leaves it ignored, so
+    `_thread.interrupt_main()` does nothing and child processes ignore a SIGINT too."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")

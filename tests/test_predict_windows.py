@@ -208,7 +208,7 @@ def test_live_windows_arrive_while_the_stream_runs_and_end_cleanly(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_cleanly_with_a_summary(tmp_path):
+def test_ctrl_c_stops_cleanly_with_a_summary(tmp_path, sigint_handled):
     port = _free_port()
     reader = _live(port)
     # 80 s: far longer than the test even on a loaded machine, where the first window can take over

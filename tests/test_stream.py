@@ -318,7 +318,7 @@ def test_stalled_stream_times_out_with_a_clear_message(tmp_path):
     assert t_err - got[-1][1] < 1.5 + 2.0  # the timeout plus slack, not the 30 s stall
 
 
-def test_ctrl_c_reaches_the_caller_while_a_read_blocks():
+def test_ctrl_c_reaches_the_caller_while_a_read_blocks(sigint_handled):
     port = _free_port()  # UDP: nobody sends, so opening blocks until its timeout (6 s)
     threading.Timer(0.5, _thread.interrupt_main).start()
     t0 = time.monotonic()
