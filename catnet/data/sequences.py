@@ -1,10 +1,11 @@
 """Real sequence datasets as "videos of K clips": a check of the video heads on data we did not make.
 
 BasicMotions (smart-watch accelerometer + gyroscope, 6 channels, 4 activities) and PickupGestureWiimoteZ
-(Wii remote z-axis, 1 channel, 10 gestures, variable length) from the UEA/UCR archive ship as `.ts`
-files inside the `aeon` wheel (`pip install --no-deps aeon`: only its data files are read, aeon itself is
-never imported). Each sequence is cut into K equal windows - the analogue of the paper's K clips I_1..I_K
-sampled over a video (Eq. 1) - and each window becomes one clip feature, so a sequence is a (K, F)
+(Wii remote z-axis, 1 channel, variable length: one gesture, "pick-up", made by 10 people, and the class
+is the person) from the UEA/UCR archive ship as `.ts` files inside the `aeon` wheel (`pip install
+--no-deps aeon`: only its data files are read, aeon itself is never imported). Each sequence is cut into
+K equal windows - the analogue of the paper's K clips I_1..I_K sampled over a video (Eq. 1) - and each
+window becomes one clip feature, so a sequence is a (K, F)
 "video" that every head in catnet.heads accepts.
 
     train, test = load_sequences("BasicMotions", num_clips=10)      # SequenceSplit each
