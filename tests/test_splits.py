@@ -77,10 +77,53 @@ def test_without_groups_the_holdout_is_catnet_0_1s():
     assert holdout(ids, labels, 0.2, groups=[""] * 30) == held
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 25), min_size=1, max_size=5), st.sampled_from([0.1, 0.2, 0.25, 0.3, 0.5]))
+def test_each_class_holds_out_the_rounded_down_fraction_of_its_groups(sizes, fraction):
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    ids = [f"v{i}" for i in range(len(labels))]
+    held = np.asarray(holdout(ids, labels, fraction))
+    for c, n in enumerate(sizes):
+        assert held[labels == c].sum() == int(round(fraction * n * 1000)) // 1000  # floor, exactly
+    old = np.asarray(holdout(ids, labels, fraction, rule="at_least_one"))  # catnet 0.3's rule
+    for c, n in enumerate(sizes):
+        assert old[labels == c].sum() == (max(1, round(fraction * n)) if n > 1 else 0)
+
+
+def test_too_few_groups_per_class_train_on_all_of_them():
+    labels = np.repeat([0, 1], 9)  # 9 videos per class: a tenth of each rounds down to none
+    p = plan(["train"] * 18, labels, holdout_fraction=0.1)
+    assert p.val == [] and p.val_name == "none" and len(p.train) == 18
+    assert "no class has the 10 groups" in p.note and "--holdout-fraction" in p.note
+    p = plan(["train"] * 20, np.repeat([0, 1], 10), holdout_fraction=0.1)
+    assert len(p.val) == 2 and p.val_name == "holdout0.1"
+    with pytest.raises(CatnetError, match="unknown hold-out rule"):
+        holdout(["a", "b"], np.array([0, 0]), 0.5, rule="round")
+
+
+def test_runs_recorded_before_the_rule_resume_with_their_own_hold_out(tmp_path):
+    rng = np.random.default_rng(0)
+    feats = [rng.standard_normal((3, 6)).astype(np.float32) + (i % 2) * 2 for i in range(16)]
+    store = FeatureStore.write_synthetic(tmp_path / "s", feats, [i % 2 for i in range(16)], ["a", "b"],
+                                         splits=["train"] * 12 + ["test"] * 4)
+    train(quick(store.root, tmp_path / "r", holdout_rule="at_least_one"))  # 6 per class: 1 held out each
+    run_json = tmp_path / "r" / "run.json"
+    info = json.loads(run_json.read_text())
+    assert info["splits"]["num_val"] == 2
+    del info["train"]["holdout_rule"]  # as catnet 0.3 wrote it
+    run_json.write_text(json.dumps(info))
+    assert main(["train", str(store.root), "--out", str(tmp_path / "r"), "--resume", "--epochs", "3",
+                 "--no-progress"]) == 0
+    info = json.loads(run_json.read_text())
+    assert info["train"]["holdout_rule"] == "at_least_one" and info["splits"]["num_val"] == 2
+    fresh = train(quick(store.root, tmp_path / "new"))  # today's rule: 6 per class hold out none
+    assert fresh["val"] == "none"
+
+
 def test_test_split_selects_nothing_unless_asked():
     splits = ["train"] * 8 + ["test"] * 4
     labels = [0, 1] * 6
-    p = plan(splits, labels)  # no val split: a hold-out of train, never the test videos
+    p = plan(splits, labels, holdout_fraction=0.5)  # no val split: a hold-out of train, never test videos
     assert p.val and not set(p.val) & set(range(8, 12)) and p.selected_on == "train"
     p = plan(splits + ["val", "val"], labels + [0, 1])
     assert p.val == [12, 13] and p.selected_on == "val" and len(p.train) == 8
@@ -105,7 +148,7 @@ def quick(store, out, **kw):
 def test_store_groups_reach_the_split(tmp_path):
     groups = [f"src{i // 4}" for i in range(20)]  # 4 clips per source video
     store = make_store(tmp_path / "s", groups)
-    result = train(quick(store.root, tmp_path / "r"))
+    result = train(quick(store.root, tmp_path / "r", holdout_fraction=0.5))
     info = json.loads((tmp_path / "r" / "run.json").read_text())
     assert info["selected_on"] == "train" and info["selected_on_test"] is False
     val = info["splits"]["num_val"]

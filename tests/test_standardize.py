@@ -101,7 +101,7 @@ def test_statistics_come_from_the_training_videos_only(tmp_path):
     store = FeatureStore.write_synthetic(tmp_path / "s", feats, [i % 2 for i in range(16)], ["a", "b"],
                                          splits=splits)
     cfg = TrainConfig(store=str(store.root), out=str(tmp_path / "run"), epochs=1, batch_size=4,
-                      progress=False)
+                      progress=False, holdout_fraction=0.2)
     train(cfg)
     head, info = load_run(tmp_path / "run")
     plan = store_splits(FeatureStore(store.root), cfg)

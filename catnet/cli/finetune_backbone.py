@@ -48,7 +48,8 @@ FLAGS = {
     "--val-split": Flag("val_split", "split that selects the checkpoint (default: val, else a held-out "
                         "part of train; 'test' only if you mean it; 'none': skip)"),
     "--holdout-fraction": Flag("holdout_fraction", "share of each class's training groups held out when "
-                               "there is no val split (default 0.1)"),
+                               "there is no val split, rounded down (default 0.1: classes of fewer "
+                               "than 10 groups hold out none)"),
     "--eval-every": Flag("eval_every", "validate every this many epochs (and after the last)"),
     "--eval-batch-size": Flag("eval_batch_size", "views per forward pass at evaluation (default 30)"),
     "--amp": Flag("amp", "autocast: bf16 or fp16 (fp16 with loss scaling); default fp32"),

@@ -47,7 +47,8 @@ FLAGS = {
     "--val-split": Flag("val_split", "split that selects the checkpoint (default: val, else a held-out "
                         "part of train; 'test' only if you mean it; 'none': skip)"),
     "--holdout-fraction": Flag("holdout_fraction", "share of each class's training groups held out when "
-                               "there is no val split (default 0.1)"),
+                               "there is no val split, rounded down (default 0.1: classes of fewer "
+                               "than 10 groups hold out none)"),
     "--eval-every": Flag("eval_every", "validate every this many epochs and after the last (default: "
                          "about 30 times per run)"),
     "--eval-batch-size": Flag("eval_batch_size", "videos per validation batch (all views)"),

@@ -177,7 +177,8 @@ def select_splits(entries: list[VideoEntry], cfg: FinetuneConfig) -> SplitPlan:
     plan = plan_splits([entries[i].split for i in labelled], [entries[i].id for i in labelled],
                        np.array([entries[i].label for i in labelled]), train_split=cfg.train_split,
                        val_split=cfg.val_split, holdout_fraction=cfg.holdout_fraction,
-                       where=str(cfg.source), groups=[entries[i].group for i in labelled])
+                       where=str(cfg.source), groups=[entries[i].group for i in labelled],
+                       holdout_rule=cfg.holdout_rule)
     return dataclasses.replace(plan, train=[labelled[i] for i in plan.train],
                                val=[labelled[i] for i in plan.val])
 

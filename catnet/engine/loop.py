@@ -45,7 +45,7 @@ from catnet.engine.runs import (
     wrap_ddp,
     write_metrics,
 )
-from catnet.engine.splits import SplitPlan
+from catnet.engine.splits import HOLDOUT_RULES, SplitPlan
 from catnet.errors import CatnetError
 from catnet.utils import distributed as dist
 from catnet.utils.amp import amp_dtype, autocast, grad_scaler
@@ -84,6 +84,9 @@ class Recipe:
     # (catnet.engine.splits); "none": no validation (best = last)
     val_split: str | None = None
     holdout_fraction: float = field(default=0.1, metadata=spec(gt=0, lt=1))  # of train's groups, per class
+    # "floor": a class holds out floor(fraction x groups), none below 1/fraction groups; "at_least_one":
+    # catnet 0.3's rule (at least one per class), kept for resuming its runs (catnet.engine.splits)
+    holdout_rule: str = field(default="floor", metadata=spec(choices=HOLDOUT_RULES))
     seed: int = field(default=0, metadata=spec(ge=0, lt=2**63))
     device: str = "auto"
     # Autocast: "bf16" (CPU with AVX512-BF16, or GPU) or "fp16" (GPU; loss scaling). None = fp32.
@@ -146,8 +149,10 @@ class Job:
 
 def recorded_config(cls: type[Recipe], info: dict[str, Any], key: str) -> dict[str, Any]:
     """A run.json's config under `key` in today's shape. Before catnet 0.3 an unset val_split meant the
-    store's "test" split: the split such a run did validate on is pinned, so it resumes as it ran."""
+    store's "test" split: the split such a run did validate on is pinned, so it resumes as it ran; so is
+    the hold-out rule of a run from before `holdout_rule`."""
     data = cls.upgrade(info.get(key) or {})
+    data.setdefault("holdout_rule", "at_least_one")  # every run.json before the key trained with it
     val = (info.get("splits") or {}).get("val")
     if "selected_on" not in info and data.get("val_split") is None and val and not val.startswith("holdout"):
         data["val_split"] = val

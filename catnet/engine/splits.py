@@ -7,10 +7,11 @@ several clips were cut from: UCF101's `gGG`, an HMDB51 source name, a CSV `group
 and drives early stopping, is, unless `val_split` names a split:
 
 1. the `val` split, if the items have one;
-2. else a held-out part of the training items (`holdout`): per class, `holdout_fraction` of its groups,
-   chosen by a hash of the group name, so it is the same on every machine and a group is never on both
-   sides;
-3. else none, when no class has two groups to spare (then the best checkpoint is the last).
+2. else a held-out part of the training items (`holdout`): per class, ⌊holdout_fraction x its groups⌋
+   groups, chosen by a hash of the group name, so it is the same on every machine and a group is never
+   on both sides;
+3. else none, when no class has 1/holdout_fraction groups (then the best checkpoint is the last). On so
+   few videos a hold-out costs more than it selects (benchmarks/recipe_cv.py, docs/training.md).
 
 The test split selects nothing unless asked (`val_split="test"`); the run then records it and `catnet
 eval` marks numbers measured on it (`selected_on`). Evaluation defaults to "test", else "val".
@@ -19,6 +20,7 @@ eval` marks numbers measured on it (`selected_on`). Evaluation defaults to "test
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from catnet.errors import CatnetError
 from catnet.features.store import FeatureStore
 
 NO_VALIDATION = "none"
+HOLDOUT_RULES = ("floor", "at_least_one")
 EVAL_DEFAULTS = ("test", "val")
 VAL_DEFAULT = "val"
 
@@ -71,11 +74,13 @@ def group_members(names: Sequence[str]) -> dict[str, list[int]]:
 
 
 def holdout(ids: Sequence[str], labels: np.ndarray, fraction: float,
-            groups: Sequence[str] | None = None) -> list[bool]:
-    """Which items validate: per class, the first round(fraction x its groups) groups (at least one when
-    the class has two or more) in sha1 order of the group name. A group spanning classes moves as one, and
-    only while every class it holds keeps a training group. Without groups this is the per-class hash
-    hold-out of catnet 0.1 (each video its own group)."""
+            groups: Sequence[str] | None = None, rule: str = "floor") -> list[bool]:
+    """Which items validate: per class, the first ⌊fraction x its groups⌋ groups in sha1 order of the group
+    name (`rule="at_least_one"`, catnet 0.3's: round(fraction x groups), at least one when the class has
+    two or more). A group spanning classes moves as one, and only while every class it holds keeps a
+    training group. Without groups each video is its own group."""
+    if rule not in HOLDOUT_RULES:
+        raise CatnetError(f"unknown hold-out rule {rule!r}; expected one of {', '.join(HOLDOUT_RULES)}")
     names = group_names(ids, groups)
     members = group_members(names)
     labels = np.asarray(labels)
@@ -84,7 +89,10 @@ def holdout(ids: Sequence[str], labels: np.ndarray, fraction: float,
     for cs in classes_of.values():
         for c in cs:
             groups_left[c] += 1
-    target = {c: max(1, int(round(fraction * n))) if n > 1 else 0 for c, n in groups_left.items()}
+    if rule == "floor":  # the epsilon keeps 0.29 x 100 (28.999...) at 29
+        target = {c: math.floor(fraction * n + 1e-9) for c, n in groups_left.items()}
+    else:
+        target = {c: max(1, int(round(fraction * n))) if n > 1 else 0 for c, n in groups_left.items()}
     taken: dict[int, int] = defaultdict(int)
     held = [False] * len(names)
     for g in sorted(members, key=_digest):
@@ -130,7 +138,7 @@ def _named(splits: Sequence[str], name: str) -> list[int]:
 
 def plan_splits(splits: Sequence[str], ids: Sequence[str], labels: np.ndarray, *, train_split: str,
                 val_split: str | None, holdout_fraction: float, where: str,
-                groups: Sequence[str] | None = None) -> SplitPlan:
+                groups: Sequence[str] | None = None, holdout_rule: str = "floor") -> SplitPlan:
     """Train and validation item indices by the rule above; refuses empty splits up front (`where` names
     the source)."""
     named = any(splits)
@@ -154,12 +162,16 @@ def plan_splits(splits: Sequence[str], ids: Sequence[str], labels: np.ndarray, *
     if val:
         return SplitPlan(train, val, VAL_DEFAULT, train_name, selected_on=VAL_DEFAULT)
     sub_groups = None if groups is None else [groups[i] for i in train]
-    held = holdout([ids[i] for i in train], np.asarray(labels)[train], holdout_fraction, sub_groups)
+    held = holdout([ids[i] for i in train], np.asarray(labels)[train], holdout_fraction, sub_groups,
+                   holdout_rule)
     val = [i for i, h in zip(train, held, strict=True) if h]
     if not val:
+        need = math.ceil(1 / holdout_fraction - 1e-9) if holdout_rule == "floor" else 2
         return SplitPlan(train, [], NO_VALIDATION, train_name,
-                         note=f"{where} has no 'val' split and no class with two groups of training videos "
-                              "to hold out: training without validation (the best checkpoint is the last)")
+                         note=f"{where} has no 'val' split, and no class has the {need} groups of training "
+                              f"videos a {holdout_fraction:g} hold-out needs: training on all of them "
+                              "without validation (the best checkpoint is the last; a larger "
+                              "--holdout-fraction or a val split gives one)")
     train = [i for i, h in zip(train, held, strict=True) if not h]
     return SplitPlan(train, val, f"holdout{holdout_fraction:g}", train_name, selected_on=train_name)
 
@@ -175,7 +187,7 @@ def store_splits(store: FeatureStore, cfg) -> SplitPlan:
     return plan_splits([r.get("split") or "" for r in records], store.ids, store.labels,
                        train_split=cfg.train_split, val_split=cfg.val_split,
                        holdout_fraction=cfg.holdout_fraction, where=f"store {store.root}",
-                       groups=[str(r.get("group") or "") for r in records])
+                       groups=[str(r.get("group") or "") for r in records], holdout_rule=cfg.holdout_rule)
 
 
 def split_indices(store: FeatureStore, cfg) -> tuple[list[int], list[int], str]:
