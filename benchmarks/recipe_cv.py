@@ -1,0 +1,148 @@
+"""The recipe measured by cross-validation inside TRAIN, where TEST is never read (issue 15).
+
+    python benchmarks/recipe_cv.py --dataset pickup --seeds 3 --out benchmarks/results/recipe_cv_pickup.json
+
+Two questions about the sensor sequences, on which the default recipe measured on TEST stayed below the
+best catnet 0.2 setting of benchmarks/recipe.py's sweep (docs/training.md):
+- What does an automatic hold-out cost on a tiny store? A store without a `val` split validates on a
+  held-out part of its training videos. catnet 0.3 held out at least one group per class, which on
+  PickupGestureWiimoteZ (five training sequences per class) is a fifth of them; today's rule holds out
+  ⌊10 % of a class's groups⌋, none there (catnet/engine/splits.py).
+- Would a choice made without TEST have preferred the old setting? Its lr and schedule are read from
+  recipe.py's results (`--sweep-from`), where they were picked on TEST.
+
+k-fold cross-validation inside TRAIN (catnet.engine.splits.group_kfold): each fold is measured by runs
+trained on the other folds, through the library's `train()`, last checkpoint: the default recipe with
+catnet 0.3's hold-out rule, the default recipe as it is today, and catnet 0.2's defaults at the old best
+setting (on the same videos as today's default). The features are those of recipe.py's store (z-scored
+by load_sequences with TRAIN's statistics: label-free, but a fold's own sequences count in them; catnet
+0.2 does not standardise, so without this it would see raw sensor values). The TEST numbers of
+recipe.py are printed beside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from recipe import OLD_DEFAULTS, slug
+
+from catnet.data.sequences import load_sequences
+from catnet.engine.evaluate import evaluate_run
+from catnet.engine.runs import read_history, read_run_info
+from catnet.engine.splits import group_kfold
+from catnet.engine.train import TrainConfig, train
+from catnet.experiments.variants import table1_variants, variant_label
+from catnet.features.store import FeatureStore
+from catnet.utils.io import atomic_write_json
+from catnet.utils.memory import hold_freed_memory
+
+REPO = Path(__file__).resolve().parents[1]
+DATASETS = {"pickup": "PickupGestureWiimoteZ", "basicmotions": "BasicMotions"}
+# variant -> TrainConfig overrides: catnet 0.3's hold-out (at least one group per class), and today's
+# default, which on folds of fewer than 10 sequences per class holds out none (catnet.engine.splits)
+RECIPE = {"holdout": {"holdout_rule": "at_least_one"}, "default": {}}
+
+
+def fold_stores(name: str, work: Path, k: int) -> list[Path]:
+    """One store per fold of TRAIN: the fold is its `test` split, the other folds its `train` split."""
+    train_part, _ = load_sequences(DATASETS[name])
+    ids = [f"{name}_train_{i:04d}" for i in range(len(train_part.y))]
+    folds = group_kfold(train_part.y, k, ids)
+    stores = []
+    for f, fold in enumerate(folds):
+        path = work / "stores" / f"{name}_fold{f}"
+        if not (path / "manifest.json").is_file():
+            shutil.rmtree(path, ignore_errors=True)
+            inside = set(fold)
+            FeatureStore.write_synthetic(
+                path, list(train_part.x), train_part.y.tolist(), train_part.classes, ids=ids,
+                splits=["test" if i in inside else "train" for i in range(len(ids))],
+                times=list(train_part.times), backbone=f"sequences:{DATASETS[name]}")
+        stores.append(path)
+    return stores
+
+
+def run(store: Path, out: Path, head: str, options: dict, seed: int, overrides: dict) -> dict:
+    """A default-recipe run (reused when an earlier invocation finished it), last checkpoint on the fold."""
+    if not ((out / "run.json").is_file() and "result" in read_run_info(out)):
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        with open(out / "train.log", "w") as log, contextlib.redirect_stderr(log):
+            train(TrainConfig(store=str(store), out=str(out), head=head, head_options=dict(options),
+                              seed=seed, progress=False, device="cpu", **overrides))
+    last = evaluate_run(out, store, "test", which="last", save=False)
+    hist = read_history(out)
+    return {"correct": round(last["top1"] * last["n"]), "n": last["n"], "train_loss": hist[-1]["train_loss"]}
+
+
+def cv_top1(stores: list[Path], folder: Path, head: str, options: dict, seeds: int, overrides: dict) -> dict:
+    """Top-1 over all folds (every TRAIN sequence measured once), per seed; mean ± std over seeds."""
+    accs, losses = [], []
+    for seed in range(seeds):
+        runs = [run(s, folder / f"fold{f}_seed{seed}", head, options, seed, overrides)
+                for f, s in enumerate(stores)]
+        accs.append(sum(r["correct"] for r in runs) / sum(r["n"] for r in runs))
+        losses.append(float(np.mean([r["train_loss"] for r in runs])))
+    return {"top1": accs, "mean": float(np.mean(accs)), "std": float(np.std(accs)),
+            "train_loss": float(np.mean(losses))}
+
+
+def pct(stat: dict | None) -> str:
+    return "-" if not stat else f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="pickup", choices=list(DATASETS))
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--heads", nargs="+", default=None, help="variant labels (default: Table 1 + AC)")
+    p.add_argument("--sweep-from", type=Path, default=REPO / "benchmarks" / "results" / "recipe.json",
+                   help="recipe.py's results: the old best settings and the TEST numbers")
+    p.add_argument("--work", type=Path, default=Path("/tmp/catnet-recipe-cv"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    hold_freed_memory()  # as `catnet train` does (catnet/utils/memory.py)
+    out_path = args.out or REPO / "benchmarks" / "results" / f"recipe_cv_{args.dataset}.json"
+    tested = json.loads(args.sweep_from.read_text())["datasets"][args.dataset]["heads"]
+    stores = fold_stores(args.dataset, args.work, args.folds)
+    result = {"dataset": args.dataset, "folds": args.folds, "seeds": args.seeds,
+              "sweep_from": str(args.sweep_from),
+              "machine": {"threads": args.threads, "torch": torch.__version__}, "heads": {}}
+    print(f"{args.dataset}: {args.folds}-fold CV inside TRAIN (top-1 over all TRAIN sequences, mean ± std "
+          f"over {args.seeds} seeds, last checkpoint) beside recipe.py's TEST numbers\n")
+    print("| head | CV: recipe with catnet 0.3's hold-out | CV: recipe (today's default) | CV: catnet 0.2 at "
+          "the old best (lr, schedule) | TEST: recipe | TEST: catnet 0.2 at the old best |")
+    print("|---|---|---|---|---|---|")
+    for head, options in table1_variants(clusters=True):
+        label = variant_label(head, options)
+        if args.heads and label not in args.heads and head not in args.heads:
+            continue
+        old = tested[label]["old_sweep"]["best_mean"]
+        folder = args.work / "runs" / slug(label)
+        entry = {variant: cv_top1(stores, folder / variant, head, options, args.seeds, overrides)
+                 for variant, overrides in RECIPE.items()}
+        entry["old_best"] = {"lr": old["lr"], "schedule": old["schedule"], **cv_top1(
+            stores, folder / f"old_lr{old['lr']:g}_{old['schedule']}", head, {**options, "logit_scale": 1.0},
+            args.seeds, {**OLD_DEFAULTS, "lr": old["lr"], "schedule": old["schedule"]})}
+        entry["test"] = {"recipe": tested[label]["top1"], "old_best": old["top1"]}
+        result["heads"][label] = entry
+        atomic_write_json(out_path, result)
+        print(f"| {label} | {pct(entry['holdout'])} | {pct(entry['default'])} | {pct(entry['old_best'])} "
+              f"({old['lr']:g}, {old['schedule']}) | {pct(entry['test']['recipe'])} | "
+              f"{pct(entry['test']['old_best'])} |", flush=True)
+    print(json.dumps({"out": str(out_path)}), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
