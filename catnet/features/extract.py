@@ -19,7 +19,6 @@ writes its own `rankNNN-*` shards into the same store.
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import fcntl
 import os
@@ -49,6 +48,7 @@ from catnet.features.store import (
     done_and_failed,
     make_manifest,
 )
+from catnet.utils.memory import fix_mmap_threshold
 from catnet.video import ClipSampling, SpatialConfig, load_clips, probe
 from catnet.video.stream import DenseSampling, iter_windows
 from catnet.video.transforms import test_views
@@ -284,24 +284,6 @@ def _build_model(cfg: ExtractConfig, device: torch.device):
     return model
 
 
-def _fixed_mmap_threshold() -> None:
-    """Keep large blocks out of glibc's heap, so peak memory does not grow with a video's length.
-
-    glibc raises its mmap threshold (up to 32 MB) whenever a large block is freed, so from then on every
-    window's frames and views and every batch's activations (freed a moment later) come from the heap,
-    where the small long-lived rows of the video in progress pin them: the heap fragments and RSS creeps
-    up with the length of a dense video (docs/benchmarks.md, "Dense extraction"). Fixing the threshold
-    at glibc's starting value (128 KB) gives each such block its own mapping, returned to the system
-    when freed, at the cost of a few page faults per batch. Process-wide (forked decoding workers
-    inherit it); a no-op without glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(128 << 10))  # M_MMAP_THRESHOLD: glibc's default
-    except (OSError, AttributeError):  # musl, macOS: their allocators do not do this
-        pass
-
-
 def _prepare_out(root: Path) -> None:
     if root.exists() and not root.is_dir():
         raise CatnetError(f"--out {quoted(root)} exists and is not a directory")
@@ -398,7 +380,7 @@ class _Run:
     def run(self) -> None:
         if not self.todo:
             return
-        _fixed_mmap_threshold()
+        fix_mmap_threshold()
         workers = self.cfg.workers
         kw = dict(batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None,
                   pin_memory=self.device.type == "cuda")

@@ -22,7 +22,9 @@ import platform
 
 # <malloc.h>
 M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
+_MMAP_THRESHOLD_START = 128 << 10  # glibc's starting (and smallest dynamic) mmap threshold
 _TRIM_NEVER = 2**31 - 1  # mallopt takes an int
 _MMAP_MAX_DEFAULT = 65536  # glibc's DEFAULT_MMAP_MAX
 _USER_KNOBS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_",
@@ -61,3 +63,19 @@ def hold_freed_memory() -> bool:
         return False
     _held = True
     return True
+
+
+def fix_mmap_threshold() -> None:
+    """Keep large blocks out of glibc's heap, so peak memory does not grow with a video's length.
+
+    The opposite trade to `hold_freed_memory`, for `catnet extract`. glibc raises its mmap threshold (up
+    to 32 MB) whenever a large block is freed, so from then on every window's frames and views and every
+    batch's activations (freed a moment later) come from the heap, where the small long-lived rows of the
+    video in progress pin them: the heap fragments and RSS creeps up with the length of a dense video
+    (docs/benchmarks.md, "Dense extraction"). Fixing the threshold at glibc's starting value gives each
+    such block its own mapping, returned to the system when freed, at the cost of a few page faults per
+    batch. Process-wide (forked decoding workers inherit it); a no-op without glibc.
+    """
+    libc = glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, _MMAP_THRESHOLD_START)
