@@ -20,6 +20,7 @@ eval` marks numbers measured on it (`selected_on`). Evaluation defaults to "test
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -73,6 +74,13 @@ def group_members(names: Sequence[str]) -> dict[str, list[int]]:
     return members
 
 
+def held_groups(n: int, fraction: float, rule: str = "floor") -> int:
+    """How many of a class's n training groups validate under `rule` (see `holdout`)."""
+    if rule == "floor":  # the epsilon keeps 0.29 x 100 (28.999...) at 29
+        return math.floor(fraction * n + 1e-9)
+    return max(1, int(round(fraction * n))) if n > 1 else 0
+
+
 def holdout(ids: Sequence[str], labels: np.ndarray, fraction: float,
             groups: Sequence[str] | None = None, rule: str = "floor") -> list[bool]:
     """Which items validate: per class, the first ⌊fraction x its groups⌋ groups in sha1 order of the group
@@ -89,10 +97,7 @@ def holdout(ids: Sequence[str], labels: np.ndarray, fraction: float,
     for cs in classes_of.values():
         for c in cs:
             groups_left[c] += 1
-    if rule == "floor":  # the epsilon keeps 0.29 x 100 (28.999...) at 29
-        target = {c: math.floor(fraction * n + 1e-9) for c, n in groups_left.items()}
-    else:
-        target = {c: max(1, int(round(fraction * n))) if n > 1 else 0 for c, n in groups_left.items()}
+    target = {c: held_groups(n, fraction, rule) for c, n in groups_left.items()}
     taken: dict[int, int] = defaultdict(int)
     held = [False] * len(names)
     for g in sorted(members, key=_digest):
@@ -166,7 +171,7 @@ def plan_splits(splits: Sequence[str], ids: Sequence[str], labels: np.ndarray, *
                    holdout_rule)
     val = [i for i, h in zip(train, held, strict=True) if h]
     if not val:
-        need = math.ceil(1 / holdout_fraction - 1e-9) if holdout_rule == "floor" else 2
+        need = next(n for n in itertools.count(2) if held_groups(n, holdout_fraction, holdout_rule))
         return SplitPlan(train, [], NO_VALIDATION, train_name,
                          note=f"{where} has no 'val' split, and no class has the {need} groups of training "
                               f"videos a {holdout_fraction:g} hold-out needs: training on all of them "
