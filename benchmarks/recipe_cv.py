@@ -23,7 +23,6 @@ recipe.py are printed beside.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import shutil
 import sys
@@ -31,13 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from recipe import OLD_DEFAULTS, slug
+from recipe import OLD_DEFAULTS, run_head, slug
 
 from catnet.data.sequences import load_sequences
-from catnet.engine.evaluate import evaluate_run
-from catnet.engine.runs import read_history, read_run_info
 from catnet.engine.splits import group_kfold
-from catnet.engine.train import TrainConfig, train
 from catnet.experiments.variants import table1_variants, variant_label
 from catnet.features.store import FeatureStore
 from catnet.utils.io import atomic_write_json
@@ -69,26 +65,13 @@ def fold_stores(name: str, work: Path, k: int) -> list[Path]:
     return stores
 
 
-def run(store: Path, out: Path, head: str, options: dict, seed: int, overrides: dict) -> dict:
-    """A default-recipe run (reused when an earlier invocation finished it), last checkpoint on the fold."""
-    if not ((out / "run.json").is_file() and "result" in read_run_info(out)):
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-        with open(out / "train.log", "w") as log, contextlib.redirect_stderr(log):
-            train(TrainConfig(store=str(store), out=str(out), head=head, head_options=dict(options),
-                              seed=seed, progress=False, device="cpu", **overrides))
-    last = evaluate_run(out, store, "test", which="last", save=False)
-    hist = read_history(out)
-    return {"correct": round(last["top1"] * last["n"]), "n": last["n"], "train_loss": hist[-1]["train_loss"]}
-
-
 def cv_top1(stores: list[Path], folder: Path, head: str, options: dict, seeds: int, overrides: dict) -> dict:
     """Top-1 over all folds (every TRAIN sequence measured once), per seed; mean ± std over seeds."""
     accs, losses = [], []
     for seed in range(seeds):
-        runs = [run(s, folder / f"fold{f}_seed{seed}", head, options, seed, overrides)
-                for f, s in enumerate(stores)]
-        accs.append(sum(r["correct"] for r in runs) / sum(r["n"] for r in runs))
+        runs = [run_head(s, folder / f"fold{f}_seed{seed}", head, options, seed, "test", overrides)
+                for f, s in enumerate(stores)]  # each fold store's "test" split is the fold
+        accs.append(sum(round(r["top1"] * r["n"]) for r in runs) / sum(r["n"] for r in runs))
         losses.append(float(np.mean([r["train_loss"] for r in runs])))
     return {"top1": accs, "mean": float(np.mean(accs)), "std": float(np.std(accs)),
             "train_loss": float(np.mean(losses))}
