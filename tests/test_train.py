@@ -14,7 +14,7 @@ import torch
 from catnet.cli import main as cli
 from catnet.engine.evaluate import evaluate
 from catnet.engine.runs import load_run, transfer_head
-from catnet.engine.splits import split_indices
+from catnet.engine.splits import store_splits
 from catnet.engine.train import TrainConfig, train
 from catnet.errors import CatnetError
 from catnet.features import FeatureStore
@@ -89,7 +89,7 @@ def test_run_json_and_weights_only_checkpoints(run):
     head, _ = load_run(root / "run", which="last")
     for k, v in head.state_dict().items():
         assert torch.equal(v, last["model"][k])
-    held = [i for i in store.split("train") if i not in split_indices(store, cfg(store.root, "x"))[0]]
+    held = [i for i in store.split("train") if i not in store_splits(store, cfg(store.root, "x")).train]
     again = evaluate(head, store, "train", classes=info["classes"])  # all train videos, hold-out included
     assert again["n"] == len(store.split("train")) and len(held) == result["history"][-1]["val_n"]
 
@@ -123,11 +123,12 @@ def test_nan_features_refused_with_video_id(tmp_path):
 def test_store_without_splits_gets_a_deterministic_holdout(tmp_path):
     store = make_store(tmp_path / "s", n=30, splits=False)
     c = cfg(store.root, tmp_path / "r", holdout_fraction=0.2)
-    tr, val, name = split_indices(store, c)
-    assert name == "holdout0.2" and split_indices(store, c) == (tr, val, name)
+    plan = store_splits(store, c)
+    tr, val, name = plan.train, plan.val, plan.val_name
+    assert name == "holdout0.2" and store_splits(store, c) == plan
     assert sorted(tr + val) == list(range(30)) and not set(tr) & set(val)
     assert sorted(store.labels[val].tolist()) == [0, 0, 1, 1, 2, 2]  # 20% of each class
-    assert split_indices(store, cfg(store.root, "x", val_split="none"))[1] == []
+    assert store_splits(store, cfg(store.root, "x", val_split="none")).val == []
 
 
 def test_presets_and_cli_overrides(tmp_path, capsys):

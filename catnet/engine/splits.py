@@ -192,13 +192,7 @@ def store_splits(store: FeatureStore, cfg) -> SplitPlan:
     return plan_splits([r.get("split") or "" for r in records], store.ids, store.labels,
                        train_split=cfg.train_split, val_split=cfg.val_split,
                        holdout_fraction=cfg.holdout_fraction, where=f"store {store.root}",
-                       groups=[str(r.get("group") or "") for r in records], holdout_rule=cfg.holdout_rule)
-
-
-def split_indices(store: FeatureStore, cfg) -> tuple[list[int], list[int], str]:
-    """(train, validation, validation name) of `store_splits`."""
-    plan = store_splits(store, cfg)
-    return plan.train, plan.val, plan.val_name
+                       groups=store_groups(store), holdout_rule=cfg.holdout_rule)
 
 
 def resolve_split(store: FeatureStore, split: str | None) -> tuple[str, list[int]]:
