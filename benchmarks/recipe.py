@@ -91,6 +91,11 @@ OLD_DEFAULTS = {"epochs": 90, "weight_decay": 1e-4, "nesterov": False, "warmup_f
 SWEEP = [{"lr": lr, "schedule": sched} for lr in (0.01, 0.1, 1.0) for sched in ("step", "cosine")]
 
 
+def old_setting(options: dict, point: dict) -> tuple[dict, dict]:
+    """(head options, TrainConfig overrides) of catnet 0.2's defaults at one SWEEP `point`."""
+    return {**options, "logit_scale": 1.0}, {**OLD_DEFAULTS, **point}
+
+
 def run_head(store: Path, run_dir: Path, head: str, options: dict, seed: int, measure: str,
              overrides: dict | None = None) -> dict:
     """`catnet train STORE --head H [--head-opt ...] --seed S` with everything else the default (or
@@ -203,8 +208,8 @@ def old_sweep(store: Path, work: Path, name: str, head: str, options: dict, meas
         runs = []
         for seed in range(seeds):  # seed 0 keeps the folder of the earlier one-seed sweeps
             run_dir = base if seed == 0 else base.with_name(f"{base.name}_seed{seed}")
-            runs.append(run_head(store, run_dir, head, {**options, "logit_scale": 1.0}, seed, measure,
-                                 {**OLD_DEFAULTS, **point}))
+            old_options, overrides = old_setting(options, point)
+            runs.append(run_head(store, run_dir, head, old_options, seed, measure, overrides))
         rows.append({**point, **runs[0]})
         settings.append({**point, **summarise(runs), "runs": runs[1:]})
     best = max(rows, key=lambda r: r["top1"])

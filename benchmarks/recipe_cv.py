@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from recipe import OLD_DEFAULTS, SWEEP, run_head, slug
+from recipe import DATASETS as RECIPE_DATASETS
+from recipe import SWEEP, old_setting, pct, run_head, slug
 
 from catnet.data.sequences import load_sequences
 from catnet.engine.splits import group_kfold
@@ -43,7 +44,7 @@ from catnet.utils.io import atomic_write_json
 from catnet.utils.memory import hold_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
-DATASETS = {"pickup": "PickupGestureWiimoteZ", "basicmotions": "BasicMotions"}
+DATASETS = {name: seq for name, (_, seq) in RECIPE_DATASETS.items() if seq}  # the sequence sets
 # variant -> TrainConfig overrides: catnet 0.3's hold-out (at least one group per class), and today's
 # default, which on folds of fewer than 10 sequences per class holds out none (catnet.engine.splits)
 RECIPE = {"holdout": {"holdout_rule": "at_least_one"}, "default": {}}
@@ -82,12 +83,9 @@ def cv_top1(stores: list[Path], folder: Path, head: str, options: dict, seeds: i
 
 def old_cv(stores: list[Path], folder: Path, head: str, options: dict, seeds: int, point: dict) -> dict:
     """catnet 0.2's defaults at one (lr, schedule), cross-validated like the recipe."""
+    old_options, overrides = old_setting(options, point)
     return {**point, **cv_top1(stores, folder / f"old_lr{point['lr']:g}_{point['schedule']}", head,
-                               {**options, "logit_scale": 1.0}, seeds, {**OLD_DEFAULTS, **point})}
-
-
-def pct(stat: dict | None) -> str:
-    return "-" if not stat else f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+                               old_options, seeds, overrides)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,12 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         folder = args.work / "runs" / slug(label)
         entry = {variant: cv_top1(stores, folder / variant, head, options, args.seeds, overrides)
                  for variant, overrides in RECIPE.items()}
-        entry["old_best"] = old_cv(stores, folder, head, options, args.seeds,
-                                   {"lr": old["lr"], "schedule": old["schedule"]})
         best = None
-        if args.sweep:  # runs of a setting already cross-validated above are reused, not repeated
+        if args.sweep:
             entry["sweep"] = [old_cv(stores, folder, head, options, args.seeds, point) for point in SWEEP]
             best = entry["sweep_best"] = max(entry["sweep"], key=lambda r: r["mean"])
+        point = {"lr": old["lr"], "schedule": old["schedule"]}  # one of SWEEP's: not measured twice
+        entry["old_best"] = next((r for r in entry.get("sweep", []) if {k: r[k] for k in point} == point),
+                                 None) or old_cv(stores, folder, head, options, args.seeds, point)
         entry["test"] = {"recipe": tested[label]["top1"], "old_best": old["top1"]}
         result["heads"][label] = entry
         atomic_write_json(out_path, result)
