@@ -1,3 +1,3 @@
 """The package version (read by pyproject.toml and recorded in every manifest and run.json)."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

@@ -15,9 +15,11 @@ from catnet.cli import main
 from catnet.config import from_dict, to_dict
 from catnet.engine.finetune import FinetuneConfig
 from catnet.engine.optim import BalancedSampler, Criterion, LRSchedule, balanced_weights
+from catnet.engine.runs import load_run
 from catnet.engine.train import TrainConfig, train
-from catnet.experiments.stages import run_finished
+from catnet.experiments.stages import run_finished, train_cached
 from catnet.features import FeatureStore
+from catnet.heads import build_head
 
 
 def test_run_length_gives_tiny_stores_enough_steps_and_big_ones_90_epochs():
@@ -88,6 +90,25 @@ def test_linear_reference_head_and_default_recipe_from_the_cli(tmp_path, capsys)
     assert info["standardized_on"] == "train" and summary["val"] == "val"  # the store's val split
     assert summary["epochs"] == 200  # 18 videos = 1 step per epoch: max(90, --min-steps)
     assert summary["final"]["train_loss"] < math.log(3) / 2
+
+
+def test_avgpool_is_a_linear_probe_and_cached_runs_of_the_older_preset_are_retrained(tmp_path):
+    # no dropout on a linear model of frozen features; the attention heads keep 0.5 (docs/heads.md "Dropout")
+    assert build_head("avgpool", 6, 3).config.dropout == 0.0 == build_head("linear", 6, 3).config.dropout
+    assert build_head("catnet", 6, 3).config.dropout == build_head("local", 6, 3).config.dropout == 0.5
+    store = make_store(tmp_path / "s")
+    cfg = TrainConfig(store=str(store.root), out=str(tmp_path / "r"), epochs=2, batch_size=6, head="avgpool",
+                      progress=False)
+    assert train_cached(cfg) and not train_cached(cfg)  # trained, then reused
+    run_json = tmp_path / "r" / "run.json"
+    info = json.loads(run_json.read_text())
+    info["head"]["config"]["dropout"] = 0.5  # what catnet 0.3's avgpool preset recorded
+    run_json.write_text(json.dumps(info))
+    assert load_run(tmp_path / "r", which="last")[0].config.dropout == 0.5  # old runs load as they trained
+    train(TrainConfig(**{**to_dict(cfg), "epochs": 3, "resume": True}))  # and resume as they trained
+    assert json.loads(run_json.read_text())["head"]["config"]["dropout"] == 0.5
+    assert train_cached(cfg)  # but the demo's cache sees that the same flags now build another head
+    assert json.loads(run_json.read_text())["head"]["config"]["dropout"] == 0.0
 
 
 def test_old_configs_keep_their_meaning():

@@ -45,7 +45,7 @@ from catnet.features.loader import (
     store_feature_dim,
 )
 from catnet.features.store import FEATURE_KEYS, FeatureStore
-from catnet.heads import build_head
+from catnet.heads import build_head, head_from_config
 from catnet.utils import distributed as dist
 from catnet.version import __version__
 
@@ -187,7 +187,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def _train(cfg: TrainConfig, info: dist.DistInfo, store: FeatureStore, classes: list[str], in_dim: int,
            plan: SplitPlan, labels: np.ndarray, prev: dict[str, Any] | None) -> dict[str, Any]:
     seed_everything(cfg.seed + info.rank)
-    head, init_from = build_train_head(cfg, in_dim, len(classes))
+    if prev is None:
+        head, init_from = build_train_head(cfg, in_dim, len(classes))
+    else:  # the head that trained, even where a preset's default has changed since (avgpool's dropout, 0.4)
+        head, init_from = head_from_config(prev["head"]["config"]), prev.get("init_from")
     if head.config.in_dim != in_dim:
         raise CatnetError(f"head expects {head.config.in_dim}-d features, store has {in_dim}-d")
     standardized = head.config.standardize and init_from is None

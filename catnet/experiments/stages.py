@@ -5,12 +5,13 @@
 - `derived_store`: a store made from another (relabelled, selected or transformed rows), marked complete
   only once written, rebuilt from scratch if it was interrupted;
 - `train_cached`: train a run in-process; a finished run is reused, an interrupted one resumed, one
-  trained with other settings retrained.
+  trained with other settings (or whose head a changed preset would now build differently) retrained.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -24,7 +25,8 @@ import numpy as np
 from catnet.config import to_dict
 from catnet.engine.loop import settings_diff
 from catnet.engine.runs import CHECKPOINTS, RUN_JSON, read_history, read_run_info
-from catnet.engine.train import TrainConfig, train
+from catnet.engine.train import TrainConfig, build_train_head, train
+from catnet.errors import CatnetError
 from catnet.features.extract import ExtractConfig, ExtractResult, extract
 from catnet.features.store import FeatureStore, StoreWriter
 from catnet.utils.io import atomic_write_json
@@ -103,6 +105,19 @@ def run_finished(run_dir: Path, epochs: int | None) -> bool:
     return bool(result.get("stopped_early")) or result["epochs_run"] >= planned
 
 
+def head_changed(cfg: TrainConfig, info: dict[str, Any]) -> bool:
+    """Whether `cfg` would build today a head other than the one run.json recorded: the same flags can
+    mean another head after a preset's default changed (avgpool's dropout in catnet 0.4)."""
+    if cfg.init_from:  # the architecture comes from the source run, not from a preset
+        return False
+    try:
+        head, _ = build_train_head(cfg, info["in_dim"], info["num_classes"])
+    except (CatnetError, KeyError):
+        return True
+    now = json.loads(json.dumps(dataclasses.asdict(head.config)))  # as run.json holds it (lists, not tuples)
+    return now != (info.get("head") or {}).get("config")
+
+
 def train_cached(cfg: TrainConfig, log: str = "train.log") -> bool:
     """Train `cfg` into cfg.out unless it is already there; the trainer's lines go to RUN/`log`.
 
@@ -110,8 +125,9 @@ def train_cached(cfg: TrainConfig, log: str = "train.log") -> bool:
     """
     run_dir = Path(cfg.out)
     if (run_dir / RUN_JSON).is_file():
-        old = read_run_info(run_dir).get("train") or {}
-        if settings_diff(cfg, old) or old.get("store") != cfg.store:
+        info = read_run_info(run_dir)
+        old = info.get("train") or {}
+        if settings_diff(cfg, old) or old.get("store") != cfg.store or head_changed(cfg, info):
             shutil.rmtree(run_dir)
     if run_finished(run_dir, cfg.epochs):
         return False

@@ -7,7 +7,7 @@
     out = head.forward_attention(x, mask)        # {"logits", "alpha", "beta"}
     same = head_from_config(to_dict(head.config))  # what run.json stores
 
-Names: `catnet`, `local`, `avgpool` and `linear` (the reference: avgpool without dropout) are presets of
+Names: `catnet`, `local`, `avgpool` and `linear` (the reference: the same model as avgpool) are presets of
 one module (catnet.py, paper Table 1);
 `attention_clusters`, `netvlad`, `lstm` are the aggregation baselines. The paper's Table 1-2 grids of
 these are in catnet.experiments.variants.
