@@ -4,9 +4,10 @@
 
 Each dataset's official TRAIN/TEST split is windowed into K "clips" (catnet.data.sequences), written as a
 feature store, and every Table-1 variant is trained on it with `catnet.engine.train.train` - the same code
-path as on video features - once per seed. The seed changes initialisation, data order and dropout, never the
-split. Accuracy is the LAST epoch's test top-1 (no model selection on test: training runs with
-`val_split="none"`). Writes OUT/results.json (every run) and OUT/table.md (mean ± std per variant).
+path as on video features - once per seed, with catnet 0.2's recipe pinned (see run_variant). The seed
+changes initialisation, data order and dropout, never the split. Accuracy is the LAST epoch's test top-1
+(no model selection on test: training runs with `val_split="none"`). Writes OUT/results.json (every run)
+and OUT/table.md (mean ± std per variant).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from recipe import old_setting
 
 from catnet.data.sequences import DATASETS, WindowConfig
 from catnet.engine.evaluate import evaluate
@@ -30,8 +32,12 @@ from catnet.utils.io import atomic_write_json, atomic_write_text
 
 
 def run_variant(store: Path, run_dir: Path, head: str, options: dict, seed: int, args) -> dict:
-    cfg = TrainConfig(store=str(store), out=str(run_dir), head=head, head_options=dict(options),
-                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_step=args.lr_step,
+    """One run with catnet 0.2's recipe (recipe.old_setting: step schedule, wd 1e-4, no standardisation,
+    no logit scale, dropout 0.5) at this script's lr, epochs and batch, pinned so that later library
+    defaults do not change these numbers; today's recipe on the same data is recipe.py's."""
+    head_options, recipe = old_setting(options, {"lr": args.lr, "schedule": "step"})
+    cfg = TrainConfig(store=str(store), out=str(run_dir), head=head, head_options=head_options,
+                      **{**recipe, "epochs": args.epochs}, batch_size=args.batch_size, lr_step=args.lr_step,
                       train_views=args.num_clips, val_split="none", seed=seed, progress=False,
                       device="cpu")
     t0 = time.time()
