@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +177,24 @@ def test_transfer_copies_all_but_classifier(run, tmp_path):
     with pytest.raises(CatnetError, match="8-d"):
         wide = make_store(tmp_path / "wide", n=8, d=12)
         train(cfg(wide.root, tmp_path / "ft2", head_options={}, init_from=str(root / "run")))
+
+
+def test_resumed_transfer_is_exact_without_its_source_run(run, tmp_path):
+    # a resume rebuilds the head from run.json, so the --init-from run is not read again (nor needed)
+    root, _, _ = run
+    source = tmp_path / "source"
+    shutil.copytree(root / "run", source)
+    small = make_store(tmp_path / "ucf", n=10, num_classes=5, seed=3)
+    whole = train(cfg(small.root, tmp_path / "whole", head_options={}, init_from=str(source)))
+    train(cfg(small.root, tmp_path / "cut", epochs=2, head_options={}, init_from=str(source)))
+    shutil.rmtree(source)
+    resumed = train(cfg(small.root, tmp_path / "cut", head_options={}, init_from=str(source), resume=True))
+    strip = [[{k: v for k, v in h.items() if k != "time_s"} for h in r["history"]] for r in (whole, resumed)]
+    assert strip[0] == strip[1]
+    a, info = load_run(tmp_path / "whole", which="last")
+    b, _ = load_run(tmp_path / "cut", which="last")
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    assert json.loads((tmp_path / "cut" / "run.json").read_text())["init_from"] == info["init_from"]
 
 
 def test_worker_count_does_not_change_results(tmp_path):

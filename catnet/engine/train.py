@@ -92,13 +92,19 @@ def build_train_head(cfg: TrainConfig, in_dim: int, num_classes: int) -> tuple[n
         if cfg.head is not None and cfg.head != head.config.name:
             raise CatnetError(f"--head {cfg.head} but the --init-from run has a {head.config.name!r} head")
         return head, {"run": str(cfg.init_from), "classes": src["classes"], "head": src["head"]["name"]}
+    return build_head(cfg.head or "catnet", in_dim, num_classes, **train_head_options(cfg)), None
+
+
+def train_head_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The head options a (non-transfer) run passes to build_head: --head-opt plus the training
+    settings that live in the head (standardisation, --dropout)."""
     if "standardize" in cfg.head_options:
         raise CatnetError("standardisation is a training setting: use --standardize / --no-standardize, "
                           "not --head-opt standardize")
     options = {**cfg.head_options, "standardize": cfg.standardize}
     if cfg.dropout is not None:
         options["dropout"] = cfg.dropout
-    return build_head(cfg.head or "catnet", in_dim, num_classes, **options), None
+    return options
 
 
 def feature_stats(store: FeatureStore, indices: list[int], info: dist.DistInfo) -> tuple[np.ndarray,
@@ -187,10 +193,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def _train(cfg: TrainConfig, info: dist.DistInfo, store: FeatureStore, classes: list[str], in_dim: int,
            plan: SplitPlan, labels: np.ndarray, prev: dict[str, Any] | None) -> dict[str, Any]:
     seed_everything(cfg.seed + info.rank)
-    if prev is None:
+    recorded = (prev or {}).get("head", {}).get("config")
+    if recorded is None:
         head, init_from = build_train_head(cfg, in_dim, len(classes))
-    else:  # the head that trained, even where a preset's default has changed since (avgpool's dropout, 0.4)
-        head, init_from = head_from_config(prev["head"]["config"]), prev.get("init_from")
+    else:  # resumed: the head that trained, even if a preset's default changed since (avgpool's dropout, 0.4)
+        head, init_from = head_from_config(recorded), prev.get("init_from")
     if head.config.in_dim != in_dim:
         raise CatnetError(f"head expects {head.config.in_dim}-d features, store has {in_dim}-d")
     standardized = head.config.standardize and init_from is None

@@ -25,10 +25,11 @@ import numpy as np
 from catnet.config import to_dict
 from catnet.engine.loop import settings_diff
 from catnet.engine.runs import CHECKPOINTS, RUN_JSON, read_history, read_run_info
-from catnet.engine.train import TrainConfig, build_train_head, train
+from catnet.engine.train import TrainConfig, train, train_head_options
 from catnet.errors import CatnetError
 from catnet.features.extract import ExtractConfig, ExtractResult, extract
 from catnet.features.store import FeatureStore, StoreWriter
+from catnet.heads import head_config
 from catnet.utils.io import atomic_write_json
 
 COMPLETE = "complete.json"
@@ -111,10 +112,11 @@ def head_changed(cfg: TrainConfig, info: dict[str, Any]) -> bool:
     if cfg.init_from:  # the architecture comes from the source run, not from a preset
         return False
     try:
-        head, _ = build_train_head(cfg, info["in_dim"], info["num_classes"])
-    except (CatnetError, KeyError):
+        config = head_config(cfg.head or "catnet", info["in_dim"], info["num_classes"],
+                             **train_head_options(cfg))
+    except (CatnetError, KeyError):  # retrained, and train() says what is wrong
         return True
-    now = json.loads(json.dumps(dataclasses.asdict(head.config)))  # as run.json holds it (lists, not tuples)
+    now = json.loads(json.dumps(dataclasses.asdict(config)))  # as run.json holds it (lists, not tuples)
     return now != (info.get("head") or {}).get("config")
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "NetVLADConfig",
     "VideoHead",
     "build_head",
+    "head_config",
     "head_from_config",
     "load_head_preset",
     "masked_softmax",
@@ -63,16 +64,22 @@ def _lookup(name: str):
     return _REGISTRY[name]
 
 
-def build_head(name: str, in_dim: int, num_classes: int, **options: Any) -> nn.Module:
-    """A head by name; `options` override the name's preset and the config defaults. Without a
-    `logit_scale` option the head gets its own default (`default_logit_scale`), written into its config,
-    so the run records the value it trained with."""
-    config_cls, head_cls, preset = _lookup(name)
+def head_config(name: str, in_dim: int, num_classes: int, **options: Any) -> HeadConfig:
+    """The config `build_head` builds from these arguments, without building the module: `options`
+    override the name's preset and the config defaults. Without a `logit_scale` option the head gets its
+    own default (`default_logit_scale`), written into its config, so the run records the value it trained
+    with."""
+    config_cls, _, preset = _lookup(name)
     config = from_dict(config_cls, {**preset, **options, "name": name, "in_dim": in_dim,
                                     "num_classes": num_classes})
     if "logit_scale" not in options:
         config = dataclasses.replace(config, logit_scale=config.default_logit_scale())
-    return _build(head_cls, config)
+    return config
+
+
+def build_head(name: str, in_dim: int, num_classes: int, **options: Any) -> nn.Module:
+    """A head by name, built from `head_config(name, in_dim, num_classes, **options)`."""
+    return _build(_lookup(name)[1], head_config(name, in_dim, num_classes, **options))
 
 
 def head_from_config(d: dict[str, Any]) -> nn.Module:
