@@ -92,19 +92,20 @@ def build_train_head(cfg: TrainConfig, in_dim: int, num_classes: int) -> tuple[n
         if cfg.head is not None and cfg.head != head.config.name:
             raise CatnetError(f"--head {cfg.head} but the --init-from run has a {head.config.name!r} head")
         return head, {"run": str(cfg.init_from), "classes": src["classes"], "head": src["head"]["name"]}
-    return build_head(cfg.head or "catnet", in_dim, num_classes, **train_head_options(cfg)), None
+    name, options = train_head_args(cfg)
+    return build_head(name, in_dim, num_classes, **options), None
 
 
-def train_head_options(cfg: TrainConfig) -> dict[str, Any]:
-    """The head options a (non-transfer) run passes to build_head: --head-opt plus the training
-    settings that live in the head (standardisation, --dropout)."""
+def train_head_args(cfg: TrainConfig) -> tuple[str, dict[str, Any]]:
+    """(name, options) a non-transfer run passes to build_head / head_config: --head-opt plus the
+    training settings that live in the head (standardisation, --dropout)."""
     if "standardize" in cfg.head_options:
         raise CatnetError("standardisation is a training setting: use --standardize / --no-standardize, "
                           "not --head-opt standardize")
     options = {**cfg.head_options, "standardize": cfg.standardize}
     if cfg.dropout is not None:
         options["dropout"] = cfg.dropout
-    return options
+    return cfg.head or "catnet", options
 
 
 def feature_stats(store: FeatureStore, indices: list[int], info: dist.DistInfo) -> tuple[np.ndarray,

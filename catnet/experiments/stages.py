@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import shutil
@@ -25,7 +24,7 @@ import numpy as np
 from catnet.config import to_dict
 from catnet.engine.loop import settings_diff
 from catnet.engine.runs import CHECKPOINTS, RUN_JSON, read_history, read_run_info
-from catnet.engine.train import TrainConfig, train, train_head_options
+from catnet.engine.train import TrainConfig, train, train_head_args
 from catnet.errors import CatnetError
 from catnet.features.extract import ExtractConfig, ExtractResult, extract
 from catnet.features.store import FeatureStore, StoreWriter
@@ -112,12 +111,11 @@ def head_changed(cfg: TrainConfig, info: dict[str, Any]) -> bool:
     if cfg.init_from:  # the architecture comes from the source run, not from a preset
         return False
     try:
-        config = head_config(cfg.head or "catnet", info["in_dim"], info["num_classes"],
-                             **train_head_options(cfg))
+        name, options = train_head_args(cfg)
+        config = head_config(name, info["in_dim"], info["num_classes"], **options)
     except (CatnetError, KeyError):  # retrained, and train() says what is wrong
         return True
-    now = json.loads(json.dumps(dataclasses.asdict(config)))  # as run.json holds it (lists, not tuples)
-    return now != (info.get("head") or {}).get("config")
+    return to_dict(config) != (info.get("head") or {}).get("config")
 
 
 def train_cached(cfg: TrainConfig, log: str = "train.log") -> bool:
