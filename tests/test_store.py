@@ -60,6 +60,22 @@ def test_read_features_is_the_stored_float16(store, tmp_path):
     np.testing.assert_array_equal(j.read_features("v"), feats[0].astype(np.float16))
 
 
+def test_scan_features_yields_each_wanted_video_once_with_its_own_rows(store, tmp_path):
+    """Whole-pass reads (finiteness, standardisation) group videos by shard, whose rows here run against
+    the store's id order; each asked video comes once with exactly its features, journaled ones too."""
+    s, _ = store
+    for wanted in (None, [4, 3, 0], [2], []):
+        got = dict(s.scan_features(wanted))
+        assert sorted(got) == (list(range(len(s))) if wanted is None else sorted(wanted))
+        for i, x in got.items():
+            np.testing.assert_array_equal(x, s.read_features(i))
+    man = make_manifest(backbone="b", weights_id="w", num_features=8, sampling={}, spatial={}, classes=["a"])
+    w = StoreWriter(tmp_path / "j", man, shard_size=100, flush_seconds=None)
+    w.add("v", np.full((2, 8), np.nan, np.float32), np.zeros((2, 2)))
+    j = FeatureStore(tmp_path / "j")
+    assert [i for i, _ in j.scan_features()] == [0] and j.nonfinite_ids() == ["v"]
+
+
 def test_will_need_hints_exactly_each_videos_bytes(store, tmp_path, monkeypatch):
     import os
 

@@ -181,9 +181,9 @@ def plan_splits(splits: Sequence[str], ids: Sequence[str], labels: np.ndarray, *
     return SplitPlan(train, val, f"holdout{holdout_fraction:g}", train_name, selected_on=train_name)
 
 
-def store_groups(store: FeatureStore) -> list[str]:
-    """Each store video's group ("" when it has none)."""
-    return [str(r.get("group") or "") for r in store.records()]
+def store_groups(store: FeatureStore, records: list[dict] | None = None) -> list[str]:
+    """Each store video's group ("" when it has none); `records`: the store's, when already read."""
+    return [str(r.get("group") or "") for r in (store.records() if records is None else records)]
 
 
 def store_splits(store: FeatureStore, cfg) -> SplitPlan:
@@ -192,7 +192,7 @@ def store_splits(store: FeatureStore, cfg) -> SplitPlan:
     return plan_splits([r.get("split") or "" for r in records], store.ids, store.labels,
                        train_split=cfg.train_split, val_split=cfg.val_split,
                        holdout_fraction=cfg.holdout_fraction, where=f"store {store.root}",
-                       groups=store_groups(store), holdout_rule=cfg.holdout_rule)
+                       groups=store_groups(store, records), holdout_rule=cfg.holdout_rule)
 
 
 def resolve_split(store: FeatureStore, split: str | None) -> tuple[str, list[int]]:

@@ -108,23 +108,29 @@ def train_head_args(cfg: TrainConfig) -> tuple[str, dict[str, Any]]:
     return cfg.head or "catnet", options
 
 
-def feature_stats(store: FeatureStore, indices: list[int], info: dist.DistInfo) -> tuple[np.ndarray,
-                                                                                      np.ndarray]:
-    """Per-dimension mean and std of every view of the `indices` videos, read one video at a time (the
-    store is never loaded whole) and sharded over ranks. Near-constant dimensions (dead ReLU channels)
-    get a floor on their std rather than a blow-up."""
+def scan_training_features(store: FeatureStore, indices: list[int], stats_of: list[int] | None
+                           ) -> tuple[list[str], tuple[np.ndarray, np.ndarray] | None]:
+    """One pass over the features of `indices` before training: the ids of videos with NaN/Inf (refused
+    before the first step, not mid-epoch), and, when `stats_of` is given, the per-dimension mean and std
+    of every view of those videos. Every rank reads the same videos, so the statistics need no
+    collective. Near-constant dimensions (dead ReLU channels) get a floor on their std, not a blow-up."""
     d = store_feature_dim(store)
-    acc = np.zeros(2 * d + 1)
-    for i in indices[info.rank:: info.world_size]:
-        x = store.read_features(i).astype(np.float64)
-        acc[:d] += x.sum(0)
-        acc[d:2 * d] += np.square(x).sum(0)
-        acc[-1] += len(x)
-    acc = dist.all_reduce_sum(torch.from_numpy(acc)).numpy()
-    n = max(acc[-1], 1.0)
-    mean = acc[:d] / n
-    std = np.sqrt(np.maximum(acc[d:2 * d] / n - np.square(mean), 0.0))
-    return mean, np.maximum(std, max(1e-3 * float(std.mean()), 1e-6))
+    acc, n, bad = np.zeros((2, d)), 0, []
+    counted = set(stats_of or ())
+    for i, x in store.scan_features(indices):
+        if not np.isfinite(x).all():
+            bad.append(i)
+        elif i in counted:
+            x = x.astype(np.float64)
+            acc[0] += x.sum(0)
+            acc[1] += np.square(x).sum(0)
+            n += len(x)
+    bad_ids = [store.ids[i] for i in sorted(bad)]
+    if stats_of is None:
+        return bad_ids, None
+    mean = acc[0] / max(n, 1)
+    std = np.sqrt(np.maximum(acc[1] / max(n, 1) - np.square(mean), 0.0))
+    return bad_ids, (mean, np.maximum(std, max(1e-3 * float(std.mean()), 1e-6)))
 
 
 VALIDATIONS = 30  # per run, when eval_every is not set
@@ -183,16 +189,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if len(set(labels[plan.train].tolist())) < 2:
             raise CatnetError(f"the training videos of {store.root} cover {len(set(labels[plan.train]))} "
                               "class(es); a classifier needs at least 2")
-        raise_nonfinite(store.nonfinite_ids(plan.train + plan.val), store)  # not first met mid-epoch
+        # a new run that standardises gets its statistics from the same pass (resumed: from its checkpoint)
+        fresh = cfg.standardize and not cfg.init_from and not cfg.resume
+        bad, stats = scan_training_features(store, plan.train + plan.val, plan.train if fresh else None)
+        raise_nonfinite(bad, store)
         with run_folder(cfg, info):
             # a resumed run must continue on features made the same way (same weights, same sampling)
             made = {f"store.manifest.{k}": store.manifest.get(k) for k in FEATURE_KEYS}
             prev = check_run_folder(cfg, "train", {"in_dim": in_dim, "classes": classes, **made})
-            return _train(cfg, info, store, classes, in_dim, plan, labels, prev)
+            return _train(cfg, info, store, classes, in_dim, plan, labels, prev, stats)
 
 
 def _train(cfg: TrainConfig, info: dist.DistInfo, store: FeatureStore, classes: list[str], in_dim: int,
-           plan: SplitPlan, labels: np.ndarray, prev: dict[str, Any] | None) -> dict[str, Any]:
+           plan: SplitPlan, labels: np.ndarray, prev: dict[str, Any] | None,
+           stats: tuple[np.ndarray, np.ndarray] | None) -> dict[str, Any]:
     seed_everything(cfg.seed + info.rank)
     recorded = (prev or {}).get("head", {}).get("config")
     if recorded is None:
@@ -203,7 +213,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, store: FeatureStore, classes: 
         raise CatnetError(f"head expects {head.config.in_dim}-d features, store has {in_dim}-d")
     standardized = head.config.standardize and init_from is None
     if standardized and prev is None:  # a resumed run reloads its statistics with the weights
-        head.set_standardization(*(torch.from_numpy(a) for a in feature_stats(store, plan.train, info)))
+        head.set_standardization(*(torch.from_numpy(a) for a in stats))
     run_info = {"catnet_version": __version__,
                 "head": {"name": head.config.name, "options": dict(cfg.head_options),
                          "config": dataclasses.asdict(head.config)},

@@ -540,29 +540,33 @@ class FeatureStore:
                              times=np.asarray(times, dtype=np.float32), num_clips=int(rec["num_clips"]),
                              num_crops=int(rec["num_crops"]))
 
-    def nonfinite_ids(self, indices: Sequence[int] | None = None) -> list[str]:
-        """Ids of the videos (among `indices`, default all) with any NaN/Inf feature, in store order.
-
-        Reads each shard's features once, vectorised: one extra pass per training run (not per epoch),
-        so trainers refuse a poisoned store before the first step instead of mid-epoch.
-        """
+    def scan_features(self, indices: Sequence[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(index, (V, D) stored-dtype features) of the `indices` videos (default all), each once, with one
+        read per shard: grouped by shard, not in store order. For whole passes (finiteness, statistics),
+        where a pread per video would cost a disk seek each."""
         index = self._build_index()
         wanted = range(len(index)) if indices is None else sorted(set(int(i) for i in indices))
         rows_by_shard: dict[str, list[tuple[int, int]]] = {}
-        bad = []
         for i in wanted:
             shard, row, rec = index[i]
-            if not shard:
-                if not np.isfinite(self._journaled[rec["id"]][0]).all():
-                    bad.append(i)
-                continue
-            rows_by_shard.setdefault(shard, []).append((row, i))
+            if shard:
+                rows_by_shard.setdefault(shard, []).append((row, i))
+            else:
+                yield i, self._journaled[rec["id"]][0]
         for shard, rows in rows_by_shard.items():
             layout = self._layout(shard)
             offsets = layout.rows
-            feats = self._pread(shard, layout, "features", 0, int(offsets[-1]))
-            finite = np.isfinite(feats).all(axis=1)
-            bad += [i for row, i in rows if not finite[offsets[row]: offsets[row + 1]].all()]
+            low, high = min(row for row, _ in rows), max(row for row, _ in rows)
+            first, stop = int(offsets[low]), int(offsets[high + 1])
+            feats = self._pread(shard, layout, "features", first, stop)
+            for row, i in rows:
+                yield i, feats[offsets[row] - first: offsets[row + 1] - first]
+
+    def nonfinite_ids(self, indices: Sequence[int] | None = None) -> list[str]:
+        """Ids of the videos (among `indices`, default all) with any NaN/Inf feature, in store order: one
+        extra pass per training run (not per epoch), so trainers refuse a poisoned store before the first
+        step instead of mid-epoch."""
+        bad = [i for i, x in self.scan_features(indices) if not np.isfinite(x).all()]
         return [self._ids[i] for i in sorted(bad)]
 
     def __iter__(self) -> Iterator[VideoFeatures]:
