@@ -81,7 +81,7 @@ def test_torchrun_two_processes_reduce_eval_exactly(tmp_path):
     ddp_eval = json.loads(proc.stdout)
     assert ddp_eval["n"] == n_test and ddp_eval["confusion"] == single["confusion"]
     assert ddp_eval["per_class_acc"] == single["per_class_acc"] and ddp_eval["checkpoint"] == "last"
-    saved = json.loads((tmp_path / "run" / "eval" / "s" / "test" / "metrics.json").read_text())
+    saved = json.loads((tmp_path / "run" / "eval-last" / "s" / "test" / "metrics.json").read_text())
     assert saved["confusion"] == single["confusion"]
 
 
@@ -116,3 +116,28 @@ def test_torchrun_resume_is_exact(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
     strip = [[{k: v for k, v in h.items() if k != "time_s"} for h in c["history"]] for c in (a, b)]
     assert strip[0] == strip[1] and len(strip[0]) == 3
+
+
+def test_torchrun_class_weighted_loss_is_the_global_batchs(tmp_path):
+    """With --class-weights balanced each rank's own weighted mean would weigh only its half of the batch;
+    two processes must train as one does on the same global batches (no dropout, all views)."""
+    labels = [0, 0, 0, 0, 0, 0, 1, 2] * 2 + [0, 1, 2]  # imbalanced: 12 / 2 / 2 training videos
+    rng = np.random.default_rng(0)
+    feats = [(rng.standard_normal((4, 8)) + label).astype(np.float32) for label in labels]
+    store = FeatureStore.write_synthetic(tmp_path / "s", feats, labels, ["a", "b", "c"],
+                                         splits=["train"] * 16 + ["test"] * 3, num_crops=2)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+    def run(out, *launcher):
+        cmd = [sys.executable, *launcher, "-m", "catnet", "train", str(store.root), "--out", str(out),
+               "--epochs", "1", "--batch-size", "8", "--lr", "0.5", "--train-views", "8", "--dropout", "0",
+               "--head-opt", "num_heads=2", "--val-split", "none", "--warmup-fraction", "0",
+               "--class-weights", "balanced", "--no-progress"]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return torch.load(out / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+    one = run(tmp_path / "one")
+    two = run(tmp_path / "two", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], atol=1e-5, rtol=1e-5, msg=k)

@@ -98,3 +98,21 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, options):
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), (which, k)
+
+
+@pytest.mark.parametrize("warmup", [{"warmup_fraction": 0.3}, {"warmup_epochs": 1.5}],
+                         ids=["fraction", "epochs"])
+def test_extended_epochs_keep_the_recorded_warmup(tmp_path, warmup):
+    """--resume with a larger --epochs continues the run with the warmup it had; with the step schedule
+    and a warmup in epochs that is exactly a run started with the longer length."""
+    store = make_store(tmp_path / "s")
+    base = dict(store=str(store.root), batch_size=4, lr=0.05, schedule="step", lr_step=2, train_views=3,
+                head_options={"num_heads": 2}, seed=3, val_split="test", progress=False, **warmup)
+    train(TrainConfig(**base, out=str(tmp_path / "short"), epochs=2))
+    short = json.loads((tmp_path / "short" / "run.json").read_text())["schedule"]["warmup_steps"]
+    resumed = train(TrainConfig(**base, out=str(tmp_path / "short"), epochs=6, resume=True))
+    assert json.loads((tmp_path / "short" / "run.json").read_text())["schedule"]["warmup_steps"] == short
+    straight = train(TrainConfig(**base, out=str(tmp_path / "long"), epochs=6))
+    same = [{k: v for k, v in h.items() if k != "time_s"} for h in resumed["history"]] == \
+        [{k: v for k, v in h.items() if k != "time_s"} for h in straight["history"]]
+    assert same == ("warmup_epochs" in warmup)  # a fraction of a longer run is a longer warmup

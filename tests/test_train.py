@@ -233,6 +233,18 @@ def test_bf16_autocast_trains_close_to_fp32_and_resumes_exactly(tmp_path):
     assert strip[0] == strip[1]
 
 
+def test_fp16_loss_scaling_on_cpu_skips_overflowed_steps_and_trains(tmp_path):
+    """fp16's scaler starts at 2**16, so the first steps overflow and must be skipped; torch's fused CPU
+    SGD did not skip them (it wrote Inf into the momentum) and every fp16 run diverged."""
+    store = make_store(tmp_path / "s", n=16)
+    fp32 = train(cfg(store.root, tmp_path / "fp32", epochs=3))
+    fp16 = train(cfg(store.root, tmp_path / "fp16", epochs=3, amp="fp16"))
+    for h in fp16["history"]:
+        assert math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"])
+    assert fp16["history"][-1]["train_loss"] < fp16["history"][0]["train_loss"]
+    assert fp16["history"][-1]["train_loss"] == pytest.approx(fp32["history"][-1]["train_loss"], rel=0.5)
+
+
 def test_bad_amp_is_a_one_line_error(tmp_path, capsys):
     store = make_store(tmp_path / "s", n=8)
     assert cli(["train", str(store.root), "--out", str(tmp_path / "r"), "--amp", "fp8"]) == 2

@@ -35,7 +35,7 @@ from catnet.config import spec, to_dict
 from catnet.data.sources import VideoEntry, list_videos
 from catnet.engine.loop import Job, Recipe, check_run_folder, fit, run_folder
 from catnet.engine.metrics import MetricAccumulator
-from catnet.engine.runs import seed_everything
+from catnet.engine.runs import BACKBONE_FILE, seed_everything
 from catnet.engine.splits import SplitPlan, plan_splits
 from catnet.errors import CatnetError, VideoError
 from catnet.utils import distributed as dist
@@ -43,7 +43,6 @@ from catnet.utils.amp import amp_dtype, autocast
 from catnet.version import __version__
 from catnet.video import ClipSampling, SpatialConfig, load_clips
 
-BACKBONE_FILE = "backbone.safetensors"
 IGNORE = -100  # label of a clip that failed to decode: cross-entropy skips it
 # Fields of catnet 0.1's flat FinetuneConfig -> where they live now (old run.json files still resume).
 _V01_KEYS = {"clip_len": ("sampling", "clip_len"), "stride": ("sampling", "stride"),
@@ -271,8 +270,8 @@ class BackboneJob(Job):
         logits = net(x).float()
         valid = (y != IGNORE).sum()
         # the criterion's mean skips IGNORE (criterion.ignore_index); a batch of only failed clips steps
-        # with zero gradient rather than 0/0
-        loss = criterion(logits, y) if bool(valid) else logits.sum() * 0.0
+        # with zero gradient rather than 0/0 (under DDP the criterion itself does, and every rank calls it)
+        loss = criterion(logits, y) if criterion.world_size > 1 or bool(valid) else logits.sum() * 0.0
         return loss, loss.detach() * valid, (logits.argmax(1) == y).sum(), valid
 
     def validate(self, epoch: int, last: bool, epochs: int):

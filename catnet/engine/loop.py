@@ -277,13 +277,14 @@ class _Run:
         self.last_path = self.out / CHECKPOINTS / "last.pt"
         self.model = job.model.to(info.device)
         self.device_type = torch.device(info.device).type
-        self.optimizer = make_optimizer(cfg, self.model.parameters(), self.device_type)
         self.amp = amp_dtype(cfg.amp)
         self.scaler = grad_scaler(self.device_type, self.amp)
+        self.optimizer = make_optimizer(cfg, self.model.parameters(), self.device_type,
+                                        loss_scaled=self.scaler.is_enabled())
         self.data_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: one shared order
         labels = job.train_labels()
         self.sampler = make_sampler(cfg, plan.train, labels, self.data_gen, info.rank, info.world_size)
-        self.criterion = Criterion.of(cfg, labels, job.num_classes)
+        self.criterion = Criterion.of(cfg, labels, job.num_classes, info.world_size)
         self.per_rank_batch = cfg.batch_size // info.world_size
         self.schedule = LRSchedule.plan(cfg, -(-len(self.sampler) // self.per_rank_batch))
         self.epochs = self.schedule.epochs
@@ -295,6 +296,7 @@ class _Run:
         cfg, info = self.cfg, self.info
         if prev is not None:
             self.state = _resume(self.last_path, self.model, self.optimizer, self.scaler, self.data_gen, info)
+            self.schedule = self.schedule.continuing(prev.get("schedule"))
             if self.epochs < self.state.start:
                 raise CatnetError(f"--epochs {self.epochs}, but {self.out} has already trained "
                                   f"{self.state.start} epochs; pass --epochs {self.state.start} or more")

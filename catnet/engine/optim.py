@@ -4,7 +4,7 @@ checkpoint already holds (optimiser state, data-order generator, epoch), so `--r
 
     schedule = LRSchedule.plan(cfg, steps_per_epoch)     # epochs, total and warmup steps
     lr = schedule.lr(epoch, step)                        # set on every optimisation step
-    loss = Criterion.of(cfg, train_labels, num_classes)(logits, y)
+    loss = Criterion.of(cfg, train_labels, num_classes, world_size)(logits, y)
 
 docs/training.md, "The recipe", says why each default is what it is.
 """
@@ -12,7 +12,7 @@ docs/training.md, "The recipe", says why each default is what it is.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -56,6 +56,17 @@ class LRSchedule:
         return cls(cfg.schedule, cfg.lr, epochs, steps_per_epoch, min(warmup, total - 1), cfg.lr_step,
                    cfg.lr_gamma)
 
+    def continuing(self, recorded: dict | None) -> LRSchedule:
+        """This schedule for a resumed run whose recorded schedule is `recorded`: with the warmup that run
+        had, which an extended --epochs would otherwise stretch when it is a fraction of the run (a
+        warmup re-entered or lengthened after the fact). Unchanged for runs without a record."""
+        if not recorded or recorded.get("steps_per_epoch") != self.steps_per_epoch:
+            return self
+        warmup = recorded.get("warmup_steps")
+        if warmup is None:
+            return self
+        return replace(self, warmup_steps=min(int(warmup), self.total_steps - 1))
+
     def lr(self, epoch: int, step: int) -> float:
         t = epoch * self.steps_per_epoch + step
         if self.kind == "step":
@@ -73,11 +84,13 @@ class LRSchedule:
                 "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
 
 
-def make_optimizer(cfg, params, device_type: str) -> torch.optim.Optimizer:
+def make_optimizer(cfg, params, device_type: str, loss_scaled: bool = False) -> torch.optim.Optimizer:
     """SGD (momentum, Nesterov when asked and momentum > 0) or AdamW; weight decay on every tensor.
     The fused kernels update all parameters in one pass: several times faster steps than the per-tensor
-    loop (docs/benchmarks.md)."""
-    fused = device_type in ("cpu", "cuda")
+    loop (docs/benchmarks.md). Not on a CPU with fp16 loss scaling: torch's fused CPU SGD does not skip
+    a step whose gradients overflowed (it corrupts the momentum), and fp16's first steps always overflow
+    (tests/test_train.py)."""
+    fused = device_type == "cuda" or (device_type == "cpu" and not loss_scaled)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
@@ -95,24 +108,40 @@ def balanced_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 @dataclass
 class Criterion:
-    """Cross-entropy with optional label smoothing and class weights (`class_weights: balanced`)."""
+    """Cross-entropy with optional label smoothing and class weights (`class_weights: balanced`).
+
+    Under DDP (`world_size` > 1) each rank's own mean would weigh only its share of the batch, and
+    DDP's gradient average of those means is not the batch's weighted mean once class weights or
+    ignored labels (a fine-tune's failed clips) make the ranks' denominators differ: the denominator
+    is then summed over ranks instead, so W processes train as one would on the same global batch."""
 
     weight: torch.Tensor | None = None
     smoothing: float = 0.0
     ignore_index: int = -100
+    world_size: int = 1
 
     @classmethod
-    def of(cls, cfg, labels: np.ndarray, num_classes: int) -> Criterion:
+    def of(cls, cfg, labels: np.ndarray, num_classes: int, world_size: int = 1) -> Criterion:
         weight = None
         if cfg.class_weights == "balanced":
             weight = torch.tensor(balanced_weights(labels, num_classes), dtype=torch.float32)
-        return cls(weight, cfg.label_smoothing)
+        return cls(weight, cfg.label_smoothing, world_size=world_size)
 
     def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The mean loss over the items whose label is not `ignore_index` (weighted mean with weights)."""
+        """The mean loss over the items whose label is not `ignore_index` (weighted mean with weights)
+        of the whole global batch. Under DDP a collective (every rank calls it on every step), and 0 with
+        zero gradient when no item of any rank counts; in one process such a batch is the caller's to
+        skip (the mean would be 0/0), which keeps the common path free of a host sync."""
         w = None if self.weight is None else self.weight.to(logits.device)
-        return F.cross_entropy(logits, y, weight=w, label_smoothing=self.smoothing,
-                               ignore_index=self.ignore_index)
+        kw = {"weight": w, "label_smoothing": self.smoothing, "ignore_index": self.ignore_index}
+        if self.world_size == 1:
+            return F.cross_entropy(logits, y, **kw)
+        total = F.cross_entropy(logits, y, reduction="sum", **kw)
+        valid = (y != self.ignore_index).float()
+        counts = valid if w is None else w[y.clamp_min(0)] * valid
+        denominator = dist.all_reduce_sum(counts.sum().detach())
+        # DDP averages the ranks' gradients: x world_size turns that into the global weighted mean
+        return total * self.world_size / denominator.clamp_min(1e-12)
 
 
 class BalancedSampler(dist.TrainSampler):
