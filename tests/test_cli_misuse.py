@@ -32,8 +32,11 @@ def files(tmp_path_factory):
     (root / "notes.mp4").write_text("not a video")
     (root / "bad.yaml").write_text("epochs: [1\n")
     (root / "home").mkdir()
+    (root / "ftrun").mkdir()  # what `catnet finetune-backbone` leaves: a run.json without a head
+    (root / "ftrun" / "run.json").write_text('{"kind": "backbone", "backbone": "i3d_r50"}')
     return {"store": str(store.root), "run": str(root / "run"), "text": str(root / "notes.mp4"),
-            "yaml": str(root / "bad.yaml"), "home": str(root / "home"), "tmp": str(root)}
+            "yaml": str(root / "bad.yaml"), "home": str(root / "home"), "tmp": str(root),
+            "ftrun": str(root / "ftrun")}
 
 
 # verb -> misuse cases: (argv after the verb, a substring of the one error line). The first case of each
@@ -57,14 +60,18 @@ CASES: dict[str, list[tuple[str, str]]] = {
               ("{store} --out {tmp}/t6 --init-from {run} --head-opt num_heads=4", "cannot be combined"),
               ("{store} --out {tmp}/t7 --resume", "nothing to resume"),
               ("{store} --out {run}", "already holds a run"),
-              ("{store} --out {tmp}/t8 --head-opt oops", "key=value")],
+              ("{store} --out {tmp}/t8 --head-opt oops", "key=value"),
+              ("{store} --out {tmp}/t9 --init-from {ftrun}", "backbone fine-tuning run")],
     "eval": [("{run} --store {nope}", "not found"), ("{nope} --store {store}", "not a catnet run"),
              ("{run}", "--store"), ("{run} --store {store} --which middle", "invalid choice"),
-             ("{run} --store {store} --split nosuch", "empty")],
+             ("{run} --store {store} --split nosuch", "empty"),
+             ("{ftrun} --store {store}", "backbone fine-tuning run"),
+             ("{run} --store {store} --num-workers -1", "--num-workers")],
     "finetune-backbone": [("{nope} --out {tmp}/ft", "not found"), ("{tmp}", "--out")],
     "predict": [("{text} --checkpoint {nope}", "not a catnet run"),
                 ("{text} --checkpoint {run} --top-k 0", "--top-k"),
-                ("{text} --checkpoint {run} --which middle", "invalid choice"), ("", "required")],
+                ("{text} --checkpoint {run} --which middle", "invalid choice"), ("", "required"),
+                ("{text} --checkpoint {ftrun}", "backbone fine-tuning run")],
     "export": [("{nope} --format onnx --out {tmp}/h.onnx", "not a catnet run"),
                ("{run} --format zip --out {tmp}/h.zip", "invalid choice"),
                ("{run} --out {tmp}/h", "--format")],

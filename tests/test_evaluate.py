@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from catnet.cli import main as cli
-from catnet.engine.evaluate import evaluate, evaluate_splits, predict_store
+from catnet.engine.evaluate import EVAL_FOLDERS, evaluate, evaluate_splits, predict_store
 from catnet.engine.metrics import (
     MetricAccumulator,
     confusion_matrix,
@@ -184,6 +185,17 @@ def test_eval_refuses_empty_split_and_wrong_dim(trained, tmp_path):
     wide = make_store(tmp_path / "wide", d=12)
     with pytest.raises(CatnetError, match="12-d features"):
         evaluate(head, wide, "test", classes=info["classes"])
+
+
+def test_eval_of_the_last_checkpoint_does_not_overwrite_the_best_ones(trained, capsys):
+    root, store = trained
+    for which in ("best", "last"):
+        assert cli(["eval", str(root / "run"), "--store", str(store.root), "--which", which, "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert Path(out["saved_to"]) == root / "run" / EVAL_FOLDERS[which] / "store" / "test"
+    for which in ("best", "last"):
+        saved = root / "run" / EVAL_FOLDERS[which] / "store" / "test" / "metrics.json"
+        assert json.loads(saved.read_text())["checkpoint"] == which
 
 
 def test_eval_cli_writes_files_and_json(trained, capsys):

@@ -36,6 +36,8 @@ def _pct(x: float) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise CatnetError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.num_workers < 0:
+        raise CatnetError(f"--num-workers must be >= 0, got {args.num_workers}")
     with dist.session(args.device) as info:
         out = evaluate_splits(args.runs, args.store, args.split, which=args.which, batch_size=args.batch_size,
                               device=info.device, num_workers=args.num_workers, progress=not args.json)

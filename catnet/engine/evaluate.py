@@ -3,9 +3,10 @@
     result = evaluate_run("RUN", "STORE", split="test")       # also saved under RUN/eval/<store>/<split>/
     out = evaluate_splits([RUN1, RUN2, RUN3], [S1, S2, S3])   # UCF101/HMDB51 3-split protocol: mean ± std
 
-Each evaluation is saved in RUN/eval/<store-name>/<split>/ as metrics.json, per_class.csv and
-confusion.csv. Under torchrun every rank evaluates a disjoint shard and the counts are summed
-(catnet.engine.metrics), so the numbers equal a single process's exactly.
+Each evaluation is saved in RUN/eval/<store-name>/<split>/ (the best checkpoint's; the last one's in
+RUN/eval-last/..., so neither overwrites the other) as metrics.json, per_class.csv and confusion.csv.
+Under torchrun every rank evaluates a disjoint shard and the counts are summed (catnet.engine.metrics),
+so the numbers equal a single process's exactly.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def evaluate_indices(head: nn.Module, store: FeatureStore, labels: np.ndarray, i
     raise_nonfinite(bad, store, collective=True)
     return acc.compute()
 
+
+EVAL_FOLDERS = {"best": "eval", "last": "eval-last"}  # RUN/<folder>/<store>/<split>/, per checkpoint
 
 def evaluate(head: nn.Module, store: FeatureStore | str | Path, split: str | None = "test", *,
              classes: list[str] | None = None, batch_size: int = 64, device: str = "cpu",
@@ -156,7 +159,8 @@ def save_eval(result: dict[str, Any], folder: Path) -> Path:
 def evaluate_run(run_dir: str | Path, store: str | Path, split: str | None = None, *, which: str = "best",
                  batch_size: int = 64, device: str = "cpu", num_workers: int = 0, progress: bool = False,
                  save: bool = True) -> dict[str, Any]:
-    """Load a run's checkpoint, evaluate it on `store`, save under RUN/eval/<store-name>/<split>/.
+    """Load a run's checkpoint, evaluate it on `store`, save under RUN/eval/<store-name>/<split>/
+    (RUN/eval-last/... for `which="last"`).
 
     `selected_on` is the split that chose the run's checkpoint; `selected_on_measured_split` (with a
     one-line `note`) says whether these numbers were selected on the split they measure."""
@@ -168,7 +172,7 @@ def evaluate_run(run_dir: str | Path, store: str | Path, split: str | None = Non
     result.update(run=str(run_dir), checkpoint=which, selected_on=selection(info)[0],
                   selected_on_measured_split=note is not None, note=note)
     if save and dist.is_main():
-        folder = Path(run_dir) / "eval" / store.root.name / result["split"]
+        folder = Path(run_dir) / EVAL_FOLDERS[which] / store.root.name / result["split"]
         result["saved_to"] = str(save_eval(result, folder))
     return result
 

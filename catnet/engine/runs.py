@@ -31,6 +31,7 @@ from catnet.heads import head_from_config
 from catnet.utils.io import atomic_write, atomic_write_text
 
 RUN_JSON = "run.json"
+BACKBONE_FILE = "backbone.safetensors"  # what a backbone fine-tuning run (engine/finetune.py) saves
 CHECKPOINTS = "checkpoints"
 
 
@@ -147,7 +148,14 @@ def load_run(run_dir: str | Path, which: str = "best") -> tuple[nn.Module, dict[
     if which not in ("best", "last"):
         raise CatnetError(f"which must be 'best' or 'last', got {which!r}")
     info = read_run_info(run_dir)
-    head = head_from_config(info["head"]["config"])
+    if isinstance(info, dict) and info.get("kind") == "backbone":
+        raise CatnetError(f"{run_dir} is a backbone fine-tuning run, not a trained head: extract features "
+                          f"with it (catnet extract --checkpoint {Path(run_dir) / BACKBONE_FILE}) "
+                          "and train a head on them")
+    config = (info.get("head") or {}).get("config") if isinstance(info, dict) else None
+    if not isinstance(config, dict):
+        raise CatnetError(f"{Path(run_dir) / RUN_JSON} records no head config: not a run of catnet train")
+    head = head_from_config(config)
     ckpt = load_checkpoint(Path(run_dir) / CHECKPOINTS / f"{which}.pt")
     head.load_state_dict(ckpt["model"])
     return head.eval(), info
