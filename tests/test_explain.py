@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from test_predict import MeanColour, shared_tiny_run, write_tiny_video
 from test_serve import decode_png
 
 from catnet.cli import main
+from catnet.cli.predict import overlay_stems
 from catnet.inference.explain import colormap, grad_cam, overlay, supports_grad_cam, to_frame
 from catnet.inference.predict import ClipScore, Prediction, Predictor, ranked_clips
 from catnet.video import SpatialConfig, read_frames
@@ -146,6 +148,22 @@ def test_cli_explain_json_and_files(tmp_path, capsys):
         assert grid.ndim == 2 and max(grid.shape) == 12 and np.isfinite(grid).all()
         assert decode_png(entry["image"]).shape == (36, 48, 3)  # small frames are inlined at full size
         assert (out_dir / entry["file"].rsplit("/", 1)[-1]).is_file()
+
+
+def test_cli_explain_out_keeps_the_overlays_of_videos_with_one_name(tmp_path, capsys):
+    """d1/clip.mp4 and d2/clip.mp4: each video's JSON points at its own files, none overwritten."""
+    run = shared_tiny_run()
+    videos = [write_tiny_video(tmp_path / d / "clip.mp4", frames=30, bright=b)
+              for d, b in (("d1", None), ("d2", (0, 30)))]
+    capsys.readouterr()
+    out_dir = tmp_path / "maps"
+    assert main(["predict", *map(str, videos), "--checkpoint", str(run), "--json",
+                 "--explain-out", str(out_dir)]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    files = [[e["file"] for e in rec["explain"]] for rec in records]
+    assert len(set(files[0]) | set(files[1])) == 6 == len(list(out_dir.iterdir()))
+    assert all(Path(f).name.startswith("clip-2.") for f in files[1])
+    assert overlay_stems(["a/x.mp4", "b/x.mp4", "x-2.mp4", "c/x.avi"]) == ["x", "x-2", "x-2-2", "x-3"]
 
 
 def test_cli_explain_human_names_the_region(tmp_path, capsys):

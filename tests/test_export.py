@@ -159,6 +159,14 @@ def test_cli_exports_the_runs_backbone_a_tiny_random_i3d_r50(tiny_run, tmp_path,
         np.testing.assert_allclose(got[0], ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("flag", ["--frames", "--size"])
+def test_cli_refuses_a_zero_backbone_example(tiny_run, tmp_path, capsys, flag):
+    out = tmp_path / "backbone.onnx"
+    argv = ["export", str(tiny_run), "--part", "backbone", "--format", "onnx", "--out", str(out), flag, "0"]
+    assert main(argv) == 2
+    assert "--frames and --size must be >= 1" in capsys.readouterr().err and not out.exists()
+
+
 def test_cli_torchscript_is_marked_deprecated(tiny_run, tmp_path, capsys):
     out = tmp_path / "head.pt"
     assert main(["export", str(tiny_run), "--format", "torchscript", "--out", str(out)]) == 0

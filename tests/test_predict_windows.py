@@ -71,6 +71,30 @@ def test_a_window_spanning_the_video_predicts_like_the_whole_video(tmp_path):
     assert (w.start, w.end, w.partial) == (0.0, 2.0, False)
 
 
+def test_a_window_longer_than_the_video_classifies_its_real_frames_only(tmp_path):
+    """The tail window repeats the last frame up to the window's length; clips spread over the real
+    frames only, so a 5 s window on a 2 s video predicts what a 2 s window does, with real clip times."""
+    video = write_tiny_video(tmp_path / "v.mp4", frames=24, bright=(0, 6))  # 12 fps: 2 s
+    predictor = _predictor(clips=3)
+    (exact,) = list(iter_window_predictions(predictor, str(video), window=2.0, top_k=2))
+    (longer,) = list(iter_window_predictions(predictor, str(video), window=5.0, top_k=2))
+    assert longer.partial and (longer.start, longer.end) == (0.0, 2.0)
+    np.testing.assert_allclose([s for _, s in longer.predictions], [s for _, s in exact.predictions],
+                               atol=1e-6)
+    spans = [(c.start, c.end) for c in longer.clips]
+    np.testing.assert_allclose(spans, [(c.start, c.end) for c in exact.clips])
+    assert len(set(spans)) == 3 and all(end > start for start, end in spans)
+
+
+def test_a_half_frame_window_tiles_the_video_without_gaps(tmp_path):
+    """0.5 s at 25 fps is 12.5 frames: the window and its default hop round the same way."""
+    video = _long_video(tmp_path / "v.mp4", 50)  # 2 s
+    wins = list(iter_window_predictions(_predictor(clips=1), str(video), window=0.5, top_k=1))
+    assert all(a.end == pytest.approx(b.start) for a, b in zip(wins, wins[1:], strict=False)), \
+        [(w.start, w.end) for w in wins]
+    assert wins[0].start == 0.0 and wins[-1].end == pytest.approx(2.0)
+
+
 def test_cli_window_json_keeps_the_schema_and_adds_windows_and_timeline(tmp_path, capsys):
     video = write_tiny_video(tmp_path / "v.mp4", frames=48, bright=(24, 36))  # 4 s, bright 2-3 s
     run = shared_tiny_run()

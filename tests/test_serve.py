@@ -257,6 +257,42 @@ def test_an_internal_error_is_a_json_500_not_an_empty_reply(server, monkeypatch)
     assert json.loads(body) == {"error": "internal error: RuntimeError"}
 
 
+def test_a_client_that_hangs_up_mid_answer_leaves_no_traceback(server, monkeypatch, capfd):
+    """The browser tab closed while a prediction ran: writing the answer fails, and the server goes on
+    quietly (no "internal error" line, no socketserver traceback)."""
+    import socket
+
+    from catnet.inference.serve import App, Handler
+
+    hung_up, handled = threading.Event(), threading.Event()
+    handle = Handler.handle
+
+    def slow_predict(self, path, name):
+        hung_up.wait(30)
+        return {"padding": "x" * 4_000_000}  # more than any socket buffer holds
+
+    def handle_and_tell(self):
+        try:
+            handle(self)
+        finally:
+            handled.set()
+
+    monkeypatch.setattr(App, "predict", slow_predict)
+    monkeypatch.setattr(Handler, "handle", handle_and_tell)
+    port, _ = server
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+    sock.sendall(b"POST /api/predict?sample=moving_square.mp4 HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Length: 0\r\n\r\n")
+    sock.close()
+    hung_up.set()
+    assert handled.wait(30)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "internal error" not in err, err
+    status, _, _ = request(port, "GET", "/api/info")
+    assert status == 200  # still serving
+
+
 def test_sample_videos_are_served_for_the_player(server):
     port, home = server
     status, kind, body = request(port, "GET", "/samples/moving_square.mp4")

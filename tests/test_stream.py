@@ -142,6 +142,8 @@ def test_windows_equal_read_frames(numbered_mp4, cfg):
         assert (w.start_s, w.end_s) == (plan.times[t, 0], plan.times[t, 1])  # index / fps, exactly
         assert w.partial == (t == len(got) - 1 and plan.positions[t, 0] + DenseSampling(**cfg).span
                              > plan.positions[-1, -1] + 1)
+        wanted = plan.positions[t, 0] + cfg.get("stride", 1) * np.arange(cfg["window"])
+        assert w.real_frames == (int((wanted <= plan.positions[-1, -1]).sum()) if w.partial else None)
     assert frame_ids(got[0].frames[:1])[0] == plan.indices[0, 0]
 
 

@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
         path = export_head(head, args.format, args.out, classes=list(info["classes"]))
     else:
         backbone, sampling, spatial = backbone_from_manifest(store_manifest(info))
-        frames, size = args.frames or sampling.clip_len, args.size or spatial.crop
+        frames = sampling.clip_len if args.frames is None else args.frames
+        size = spatial.crop if args.size is None else args.size
         if frames < 1 or size < 1:
             raise CatnetError("--frames and --size must be >= 1")
         path = export_backbone(backbone, args.format, args.out, frames, size)

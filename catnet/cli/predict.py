@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     if args.source:
         return run_live(predictor, args)
     failed = 0
-    for video in args.videos:
+    stems = overlay_stems(args.videos)
+    for video, stem in zip(args.videos, stems, strict=True):
         try:
             if args.window is not None:
                 record, text, timing = predict_windows(predictor, video, args)
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
                     predictor(video, top_k=args.top_k)
                 record, text, timing = pred.to_json(), format_human(pred), pred.timing
                 if args.explain_out:
-                    write_overlays(pred, Path(args.explain_out), record)
+                    write_overlays(pred, Path(args.explain_out), record, stem)
             line = json.dumps(record, allow_nan=False) if args.json else text  # never NaN in JSON
         except Exception as e:  # noqa: BLE001 - one bad video (whatever broke) must not stop the others
             failed += 1
@@ -125,9 +126,22 @@ def _timing(timing: dict[str, float]) -> str:
     return f"{sum(timing.values()):.2f} s ({parts})"
 
 
-def write_overlays(pred: Prediction, folder: Path, record: dict) -> None:
+def overlay_stems(videos: list[str]) -> list[str]:
+    """A file-name stem per video for --explain-out: the video's own, with -2, -3, ... where several
+    videos share one (d1/clip.mp4 and d2/clip.mp4 must not overwrite each other's overlays)."""
+    used: set[str] = set()
+    stems = []
+    for video in videos:
+        stem, n = Path(video).stem, 1
+        while (stem if n == 1 else f"{stem}-{n}") in used:
+            n += 1
+        stems.append(stem if n == 1 else f"{stem}-{n}")
+        used.add(stems[-1])
+    return stems
+
+
+def write_overlays(pred: Prediction, folder: Path, record: dict, stem: str) -> None:
     """The full-resolution Grad-CAM overlays as PNG files; their paths go into the JSON record."""
-    stem = Path(pred.video).stem
     for entry, s in zip(record.get("explain", []), pred.explain or [], strict=True):
         label = re.sub(r"[^\w.-]+", "_", s.label)  # a file name without spaces or slashes
         path = folder / f"{stem}.clip{s.clip + 1}.{label}.png"

@@ -18,6 +18,7 @@ once per process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mimetypes
 import os
@@ -195,6 +196,14 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "catnet-serve"
     app: App  # set on the subclass made by make_server
 
+    def handle(self) -> None:
+        """One connection; a client that hangs up (while we read its request or write the answer) ends it
+        quietly instead of printing socketserver's traceback."""
+        try:
+            super().handle()
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+            self.close_connection = True
+
     def do_GET(self) -> None:  # noqa: N802 (http.server naming)
         self._answer(self._get)
 
@@ -204,15 +213,19 @@ class Handler(BaseHTTPRequestHandler):
     def _answer(self, route) -> None:
         """Run a route; every failure becomes a JSON error reply, never an empty one or a traceback."""
         try:
-            route()
-        except HttpError as e:
-            self._json(e.status, {"error": str(e)})
+            try:
+                route()
+            except HttpError as e:
+                self._json(e.status, {"error": str(e)})
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+            self.close_connection = True  # the client went away mid-answer: nobody is left to tell
         except Exception as e:  # noqa: BLE001 - a bug must still answer the browser, in one line
             self.close_connection = True
             reason = (str(e).splitlines() or [""])[0][:200]
             sys.stderr.write(f"catnet serve: {self.path[:200]!r}: internal error: {type(e).__name__}: "
                              f"{reason}\n")
-            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(e).__name__}"})
+            with contextlib.suppress(OSError):  # the connection may be gone as well
+                self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(e).__name__}"})
 
     def _get(self) -> None:
         route = urlparse(self.path).path

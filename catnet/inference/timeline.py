@@ -26,7 +26,7 @@ import torch
 from catnet.errors import CatnetError
 from catnet.inference.predict import ClipScore, Predictor
 from catnet.video import probe, sample_clips, test_views
-from catnet.video.stream import iter_windows
+from catnet.video.stream import hop_frames, iter_windows
 
 DEFAULT_LIVE_FPS = 25.0  # live sources are resampled to the model's frame rate, else to this
 DEFAULT_LIVE_WINDOW = 2.0  # seconds, for --source without --window
@@ -110,8 +110,9 @@ def check_seconds(seconds: float, what: str) -> float:
 
 
 def window_frames(seconds: float, fps: float) -> int:
-    """A window of `seconds` as whole frames at `fps` (nearest, at least 1)."""
-    return max(1, int(round(check_seconds(seconds, "--window") * fps)))
+    """A window of `seconds` as whole frames at `fps` (nearest, at least 1), rounded as the hop is
+    (catnet.video.stream.hop_frames: halves up), so a hop equal to the window tiles the video."""
+    return hop_frames(check_seconds(seconds, "--window"), fps)
 
 
 def clips_per_window(predictor: Predictor, frames: int) -> int:
@@ -142,26 +143,28 @@ def iter_window_predictions(predictor: Predictor, source: str, window: float, ho
         frames = window_frames(window, rate)
         stream = iter_windows(source, frames, hop_seconds=hop, short_side=predictor.spatial.short_side,
                               input_fps=rate, timestamps="index")
-    sampling = dataclasses.replace(predictor.sampling, num_clips=clips_per_window(predictor, frames))
     try:
         t_wait = time.perf_counter()
         for w in stream:
             decode = time.perf_counter() - t_wait  # waiting on the decoding thread
-            yield _classify_window(predictor, w, sampling, rate, top_k, decode)
+            yield _classify_window(predictor, w, rate, top_k, decode)
             t_wait = time.perf_counter()
     finally:
         stream.close()
 
 
-def _classify_window(predictor: Predictor, w, sampling, fps: float, top_k: int,
-                     decode: float) -> WindowPrediction:
-    idx = sample_clips(len(w.frames), sampling)  # (k, L) positions inside the window
+def _classify_window(predictor: Predictor, w, fps: float, top_k: int, decode: float) -> WindowPrediction:
+    # clips spread over the window's real frames: a partial (tail) window's repeats of the last frame
+    # are padding, and sampling them would make a longer window predict from a frozen frame
+    frames = len(w.frames) if w.real_frames is None else max(1, w.real_frames)
+    sampling = dataclasses.replace(predictor.sampling, num_clips=clips_per_window(predictor, frames))
+    idx = sample_clips(frames, sampling)  # (k, L) positions inside the window
     views = torch.cat([test_views(w.frames[row], predictor.spatial) for row in idx])
     scores, timing = predictor.classify(views, len(idx))
     probs = scores.probs
     top, order = probs.topk(min(top_k, probs.numel()))
     att = scores.attention
-    # frame i of a window starts i / fps after it (the tail window's repeated frames: clamped to its end)
+    # frame i of a window starts i / fps after it (clamped to its end, a guard against rounding)
     clips = [ClipScore(min(w.start_s + row[0] / fps, w.end_s), min(w.start_s + (row[-1] + 1) / fps, w.end_s),
                        None if att is None else float(att[j])) for j, row in enumerate(idx)]
     return WindowPrediction(w.index, w.start_s, w.end_s, w.partial,

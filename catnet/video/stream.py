@@ -203,6 +203,7 @@ class Window:
     frames: np.ndarray  # uint8 (L, h, w, 3), upright, resized to the short side
     frame_indices: np.ndarray  # int64 (L,) source frame indices (decode order), clamped at the tail
     partial: bool = False  # the tail window, past the end of the source (last frame repeated)
+    real_frames: int | None = None  # frames before the repeats of a partial window (None: all of them)
 
 
 class _FollowFile:
@@ -338,12 +339,12 @@ class _WindowReader:
         if self.stop.is_set():
             raise Stopped  # the consumer went away: unwind and close the container
 
-    def _window(self, k: int, positions: np.ndarray, partial: bool) -> Window:
+    def _window(self, k: int, positions: np.ndarray, partial: bool, real: int | None = None) -> Window:
         slots = positions % self.span
         if not (self.owner[slots] == positions).all():  # a bookkeeping bug, never bad input
             raise RuntimeError(f"ring buffer lost frames of window {k}")
         return Window(k, float(self.t_of[slots[0], 0]), float(self.t_of[slots[-1], 1]), self.ring[slots],
-                      self.src_of[slots].copy(), partial)
+                      self.src_of[slots].copy(), partial, real)
 
     def _offer(self, i: int, j: int, t: tuple[float, float], frame) -> Iterator[Window]:
         """Output frame i (source frame j): kept if some window needs it; completes window k at its end."""
@@ -412,9 +413,8 @@ class _WindowReader:
         if covered < n_out and k * hop < n_out:
             if self.owner[(n_out - 1) % self.span] != n_out - 1:  # the frame the clamped indices repeat
                 self._store(n_out - 1, n_src - 1, self._time_of(n_out - 1, last), last)
-            positions = np.minimum(k * hop + self.stride * np.arange(self.window_len, dtype=np.int64),
-                                   n_out - 1)
-            yield self._window(k, positions, True)
+            wanted = k * hop + self.stride * np.arange(self.window_len, dtype=np.int64)
+            yield self._window(k, np.minimum(wanted, n_out - 1), True, int((wanted < n_out).sum()))
 
 
 def _read_windows(src: _Source, sampling: DenseSampling, *, short_side: int | None, timeout: float,
