@@ -214,3 +214,25 @@ def test_bf16_autocast_forward_on_cpu(model):
     assert F.cosine_similarity(got, want).item() > 0.98
     with pytest.raises(CatnetError, match="autocast dtype"):
         build_backbone("i3d_r50", amp_dtype="int8")
+
+
+def test_overriding_only_the_mean_keeps_the_checkpoints_std(tmp_path):
+    from catnet.backbones.i3d_resnet import i3d_r50, save_weights
+
+    path = save_weights(i3d_r50(mean=(0.45,) * 3, std=(0.225,) * 3, seed=0), tmp_path / "r50.safetensors")
+    r = i3d_r50(checkpoint=path, mean=(0.5, 0.5, 0.5))
+    assert r.normalize.mean.flatten().tolist() == [0.5] * 3
+    assert r.normalize.std.flatten().tolist() == pytest.approx([0.225] * 3)
+    assert r.config.std == pytest.approx((0.225,) * 3)
+
+
+def test_reset_classifier_keeps_the_models_dtype():
+    from catnet.heads import build_head
+
+    head = build_head("catnet", in_dim=8, num_classes=3, num_heads=2).double()
+    head.reset_classifier(5)
+    assert head.classifier.weight.dtype == torch.float64
+    assert head(torch.randn(2, 4, 8, dtype=torch.float64)).shape == (2, 5)
+    backbone = build_backbone("i3d_r50", num_classes=4).double()
+    backbone.reset_classifier(6)
+    assert backbone.fc.weight.dtype == torch.float64

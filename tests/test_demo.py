@@ -36,6 +36,9 @@ def test_tiny_demo_end_to_end_and_cached_rerun(tmp_path, capsys):
     for png in ("fig4_class_delta.png", "fig5_accuracy_distribution.png", "fig6_attention.png"):
         assert (out / "report" / png).is_file() and png in md
     assert "### Table 1" in md and "random weights" in md
+    # 3 training videos per class: a tenth of them rounds down to no hold-out (docs/training.md "Splits")
+    assert "without validation (nothing selected)" in md and "validating on" not in md
+    assert "measured on the 'test' split, last checkpoint (validation: none)" in md
     assert "attention" in json.loads((out / "report" / "report.json").read_text())
 
     # a re-run reuses the dataset, the store and every run: no run is trained again
@@ -71,6 +74,18 @@ def test_changed_learning_rate_retrains_instead_of_reusing(tmp_path):
     assert main(["demo", "--tiny", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
     run = json.loads((out / "runs" / "avgpool" / "seed0" / "run.json").read_text())
     assert run["train"]["lr"] == 0.001 and ckpt.stat().st_mtime_ns != before
+
+
+def test_another_synthetic_dataset_gets_its_own_store():
+    from dataclasses import replace
+
+    from catnet.experiments.demo import dataset_key
+    from catnet.experiments.stages import store_key
+
+    default = DemoConfig()
+    assert dataset_key(default.synth) == {}  # the default demo's store keeps its name
+    other = replace(default.synth, seed=1)
+    assert store_key(default.extract, **dataset_key(other)) != store_key(default.extract)
 
 
 def test_runs_validated_on_test_are_named():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from catnet.engine.finetune import FinetuneConfig
 from catnet.engine.optim import BalancedSampler, Criterion, LRSchedule, balanced_weights
 from catnet.engine.runs import load_run
 from catnet.engine.train import TrainConfig, train
-from catnet.experiments.stages import run_finished, train_cached
+from catnet.experiments.stages import Row, derived_store, run_finished, train_cached
 from catnet.features import FeatureStore
 from catnet.heads import build_head
 
@@ -109,6 +110,41 @@ def test_avgpool_is_a_linear_probe_and_cached_runs_of_the_older_preset_are_retra
     assert json.loads(run_json.read_text())["head"]["config"]["dropout"] == 0.5
     assert train_cached(cfg)  # but the demo's cache sees that the same flags now build another head
     assert json.loads(run_json.read_text())["head"]["config"]["dropout"] == 0.0
+
+
+def test_the_demo_cache_reuses_a_run_only_at_the_same_length_and_on_the_same_features(tmp_path):
+    store = make_store(tmp_path / "s")
+    cfg = TrainConfig(store=str(store.root), out=str(tmp_path / "r"), epochs=2, batch_size=6, head="avgpool",
+                      progress=False, min_steps=30)
+    assert train_cached(cfg) and not train_cached(cfg)
+    shorter = TrainConfig(**{**to_dict(cfg), "epochs": 1})
+    assert train_cached(shorter)  # not the 2-epoch run
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["result"]["epochs_run"] == 1
+    default = TrainConfig(**{**to_dict(cfg), "epochs": None})  # the recipe's length: max(90, 30 steps)
+    assert train_cached(default) and not train_cached(default)
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["result"]["epochs_run"] == 90
+    # the same store path, other features (another backbone): retrained
+    shutil.rmtree(store.root)
+    rng = np.random.default_rng(1)
+    feats = [rng.standard_normal((4, 6)).astype(np.float32) for _ in range(24)]
+    FeatureStore.write_synthetic(store.root, feats, [i % 3 for i in range(24)], ["a", "b", "c"],
+                                 backbone="other", splits=["train"] * 18 + ["val"] * 6)
+    assert train_cached(default)
+
+
+def test_a_derived_store_is_rebuilt_when_what_it_comes_from_changes(tmp_path):
+    manifest = FeatureStore(make_store(tmp_path / "s").root).manifest
+
+    def rows(value):
+        return lambda: [Row(f"v{i}", np.full((2, 6), value, np.float32), np.zeros((2, 2)), i % 3, "train",
+                            f"v{i}.mp4", 1) for i in range(6)]
+
+    dst, _ = derived_store(tmp_path / "d", manifest, rows(1.0), identity={"from": "a"})
+    digest = FeatureStore(dst).manifest["derived"]
+    derived_store(tmp_path / "d", manifest, rows(2.0), identity={"from": "a"})  # same source: reused
+    assert FeatureStore(dst)[0].features[0, 0] == 1.0
+    derived_store(tmp_path / "d", manifest, rows(2.0), identity={"from": "b"})
+    assert FeatureStore(dst)[0].features[0, 0] == 2.0 and FeatureStore(dst).manifest["derived"] != digest
 
 
 def test_old_configs_keep_their_meaning():

@@ -64,6 +64,19 @@ def test_reproduce_ucf101_three_splits(tmp_path, capsys):
         assert {store.ids[i] for i in store.split("test")} == tests[k]
         assert store.classes == CLASSES and len(store.split("train")) == 4
         assert (out / "runs" / f"split{k}" / "catnet" / "seed0" / "checkpoints" / "last.pt").is_file()
+    assert res["measured"] == {"split": ["test"], "checkpoint": "last", "selected_on": [None], "notes": []}
+    assert all(r["heads"][h]["measured_on"] == "test" for r in res["splits"].values() for h in ("avgpool",))
+
+    # other clip settings: new features, so split 1's store and its runs are rebuilt, not reused
+    argv = [a if a != "2" else "3" for a in TINY]  # --clips 3
+    assert main(["reproduce", "ucf101", "--root", str(tmp_path / "ucf"), "--out", str(out), "--splits", "1",
+                 *argv]) == 0
+    assert "measured on the test split" in capsys.readouterr().out
+    assert len(list(out.glob("features-*"))) == 2
+    store = FeatureStore(out / "store-split1")
+    assert store.manifest["sampling"]["num_clips"] == 3 and store.num_views(0) == 3
+    run = json.loads((out / "runs" / "split1" / "catnet" / "seed0" / "run.json").read_text())
+    assert run["store"]["manifest"]["sampling"]["num_clips"] == 3
 
 
 def test_reproduce_hmdb51_and_kinetics(tmp_path, capsys):

@@ -47,6 +47,26 @@ def test_generate_layout_and_determinism(tmp_path):
     assert (a / rows[0]["path"]).stat().st_mtime_ns == mtime
 
 
+def test_another_config_regenerates_the_videos_not_only_the_lists(tmp_path):
+    """A video already there is reused as complete, so a changed config must not leave the old ones
+    (the lists and segments would describe videos that are not there); so must an interrupted run."""
+    from catnet.video import probe
+
+    def lengths_match(root):
+        segments = json.loads((root / "segments.json").read_text())
+        return all(probe(root / s["path"]).num_frames == s["num_frames"] for s in segments.values())
+
+    generate(tmp_path, TINY, progress=False)
+    other = replace(TINY, seed=1)
+    generate(tmp_path, other, progress=False)
+    assert lengths_match(tmp_path)
+    # interrupted: a pending marker of another config, no complete one
+    (tmp_path / "synth.json").unlink()
+    (tmp_path / "synth.pending.json").write_text(json.dumps({"config": {"seed": 99}}))
+    generate(tmp_path, TINY, progress=False)
+    assert lengths_match(tmp_path) and not (tmp_path / "synth.pending.json").exists()
+
+
 def test_plan_varies_length_segment_and_seed():
     items = plan(replace(TINY, num_classes=10, videos_per_class=6, min_frames=40, max_frames=120))
     lengths = [s.num_frames for _, _, s in items]

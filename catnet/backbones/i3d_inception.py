@@ -219,7 +219,10 @@ class InceptionI3d(ClipBackbone):
 
     def reset_classifier(self, num_classes: int) -> None:
         """A fresh `num_classes`-way classifier (0 removes it); the DeepMind init of the logits conv."""
+        like = next(self.parameters())  # the new classifier on the model's device and dtype
         self.logits = self._classifier(num_classes)
+        if self.logits is not None:
+            self.logits.to(device=like.device, dtype=like.dtype)
         self.num_classes = num_classes
         self.labels = None
 

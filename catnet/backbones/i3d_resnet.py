@@ -215,7 +215,9 @@ class I3DResNet(ClipBackbone):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier (0 removes it), e.g. to fine-tune on another dataset."""
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else None
+        like = next(self.parameters())  # the new classifier on the model's device and dtype
+        self.fc = None if num_classes <= 0 else \
+            nn.Linear(self.num_features, num_classes).to(device=like.device, dtype=like.dtype)
         self.num_classes = self.config.num_classes = num_classes
         self.labels = None
 
@@ -292,8 +294,13 @@ def load_i3d_r50_weights(path: str | Path, options: Mapping[str, Any]) -> I3DRes
     own = model.state_dict()
     state = {**{k: own[k] for k in own if k.startswith(("fc.", "normalize.")) and k not in state}, **state}
     _load_strict(model, state, path)
-    if "mean" in options or "std" in options or imported.format == "resnet2d":
+    if imported.format == "resnet2d":  # ImageNet weights: the config's (ImageNet's unless overridden)
         model.normalize.set(model.config.mean, model.config.std)
+    elif "mean" in options or "std" in options:  # the one not overridden stays the checkpoint's
+        mean = tuple(options["mean"]) if "mean" in options else tuple(model.normalize.mean.flatten().tolist())
+        std = tuple(options["std"]) if "std" in options else tuple(model.normalize.std.flatten().tolist())
+        model.normalize.set(mean, std)
+        model.config.mean, model.config.std = mean, std
     else:
         model.config.mean = tuple(model.normalize.mean.flatten().tolist())
         model.config.std = tuple(model.normalize.std.flatten().tolist())

@@ -22,6 +22,7 @@ Layout written to OUT:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -341,16 +342,18 @@ def generate(out: str | os.PathLike, cfg: SynthConfig | None = None, progress: b
     cfg = cfg or SynthConfig()
     out = Path(out)
     items = plan(cfg)
-    marker = out / "synth.json"
+    marker, pending = out / "synth.json", out / "synth.pending.json"
     if marker.is_file():
-        try:
-            if json.loads(marker.read_text()).get("config") == asdict(cfg):
-                return out / "annotations.csv"
-        except (OSError, ValueError):
-            pass
-        marker.unlink()  # a different config: regenerate over it
+        if _config_of(marker) == asdict(cfg):
+            return out / "annotations.csv"
+        marker.unlink()  # a different config: regenerate over it, without its videos
+        _remove_videos(out)
+    elif pending.is_file() and _config_of(pending) != asdict(cfg):  # an interrupted run of another config
+        _remove_videos(out)
     if out.exists() and not out.is_dir():
         raise CatnetError(f"{out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(pending, {"config": asdict(cfg)})  # whose videos these are, until complete
     segments = {}
     rows = io.StringIO()
     writer = csv.writer(rows, lineterminator="\n")
@@ -370,7 +373,26 @@ def generate(out: str | os.PathLike, cfg: SynthConfig | None = None, progress: b
     atomic_write_text(out / "annotations.csv", rows.getvalue())
     atomic_write_json(out / "segments.json", segments)
     atomic_write_json(marker, {"config": asdict(cfg), "classes": CLASSES[: cfg.num_classes]})
+    pending.unlink(missing_ok=True)
     return out / "annotations.csv"
+
+
+def _config_of(marker: Path) -> dict | None:
+    try:
+        return json.loads(marker.read_text()).get("config")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _remove_videos(out: Path) -> None:
+    """The videos an earlier config wrote (a video present is otherwise reused as complete)."""
+    for label in CLASSES:
+        folder = out / label
+        if folder.is_dir():
+            for path in folder.glob("*.mp4"):
+                path.unlink()
+            with contextlib.suppress(OSError):  # not empty: something else lives there, keep it
+                folder.rmdir()
 
 
 def load_segments(root: str | os.PathLike) -> dict[str, dict]:

@@ -12,6 +12,7 @@ resumed), so a re-run only re-evaluates and redraws. The paper's extraction sett
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from catnet.config import from_dict, merge, to_dict
 from catnet.data.synth import SynthConfig, generate
 from catnet.engine.evaluate import evaluate_run
 from catnet.engine.runs import load_run, read_history
-from catnet.engine.splits import resolve_split
+from catnet.engine.splits import NO_VALIDATION, resolve_split, selection, selection_note
 from catnet.engine.train import TrainConfig
 from catnet.errors import CatnetError
 from catnet.experiments.report import analyse, attention_on_action, find_segments, write_report
@@ -216,7 +217,24 @@ def _recipe(t: TrainConfig) -> str:
             f"{', features standardised by the training videos' if t.standardize else ''}")
 
 
-def _settings(cfg: DemoConfig) -> str:
+def _validation(info: dict) -> str:
+    """How a run validated, from its run.json, in words for the settings line."""
+    val = (info.get("splits") or {}).get("val")
+    early = (info.get("train") or {}).get("early_stop")
+    if not val or val == NO_VALIDATION:
+        return "without validation (nothing selected)"
+    where = "held-out training videos" if str(val).startswith("holdout") else f"the {val!r} split"
+    return f"validating on {where}" + (f", stopping early after {early} epochs without gain" if early else "")
+
+
+def dataset_key(s: SynthConfig) -> dict[str, Any]:
+    """What the store key (stages.store_key) adds for the dataset: its config, so features of another
+    synthetic dataset are not resumed into this one's store; nothing for the default dataset, whose
+    stores were named before this key existed."""
+    return {} if s == _synth() else {"synth": dataclasses.asdict(s)}
+
+
+def _settings(cfg: DemoConfig, validation: str) -> str:
     e, t, s = cfg.extract, cfg.train, cfg.synth
     weights = "Kinetics-400" if e.pretrained else "random"
     return (f"Settings: {s.num_classes} motion classes x {s.videos_per_class} synthetic videos "
@@ -224,9 +242,8 @@ def _settings(cfg: DemoConfig) -> str:
             f"weights), {e.sampling.num_clips} clips x {e.sampling.clip_len} frames (stride "
             f"{e.sampling.stride}) x {e.spatial.num_crops} crop(s) of {e.spatial.crop}px from a "
             f"{e.spatial.short_side}px short side (the paper: 10 x 32 frames, stride 4, 3 crops of 224)"
-            f"; heads trained with the library's recipe ({_recipe(t)}), {len(cfg.seeds)} seed(s), validating "
-            "on held-out training videos; metrics from "
-            "the last checkpoint on the test split.")
+            f"; heads trained with the library's recipe ({_recipe(t)}), {len(cfg.seeds)} seed(s), "
+            f"{validation}; metrics from the last checkpoint on the test split.")
 
 
 def _report(cfg: DemoConfig, store: Path, runs: dict, rows1, rows2, out: Path) -> tuple[Path, dict]:
@@ -235,13 +252,16 @@ def _report(cfg: DemoConfig, store: Path, runs: dict, rows1, rows2, out: Path) -
     fs = FeatureStore(store)
     _, test_idx = resolve_split(fs, "test")
     segments = find_segments(fs)
-    analyses, attention = {}, {}
+    analyses, attention, validation = {}, {}, ""
     for name, opts in t1:
         label = variant_label(name, opts)
         for s in cfg.seeds:
             run_dir = runs[(slug(name, opts), s)]
             head, info = load_run(run_dir, which="last")
             a = analyse(head, fs, test_idx, info["classes"], label, read_history(run_dir))
+            a.note = selection_note(info, "last", "test")
+            a.split, a.checkpoint, a.selected_on = "test", "last", selection(info)[0]
+            validation = validation or _validation(info)
             if s == cfg.seeds[0]:
                 analyses[slug(name, opts)] = a
             hit = attention_on_action(a, segments)
@@ -253,8 +273,8 @@ def _report(cfg: DemoConfig, store: Path, runs: dict, rows1, rows2, out: Path) -
                   "ground-truth action / share of such clips; 1 = no preference), mean over seeds:\n\n" +
                   markdown_table(["model", "ratio"], [[k, f"{np.mean(v):.2f} ± {np.std(v):.2f}"]
                                                       for k, v in attention.items()]) + "\n")
-    extra = "\n\n".join([_settings(cfg), "### Table 1", markdown_table(HEAD1, rows1), "### Table 2",
-                         markdown_table(HEAD2, rows2), att_md])
+    extra = "\n\n".join([_settings(cfg, validation), "### Table 1", markdown_table(HEAD1, rows1),
+                         "### Table 2", markdown_table(HEAD2, rows2), att_md])
     md = write_report(out / "report", analyses[slug(*t1[-1])], analyses[slug(*t1[0])], segments,
                       num_videos=cfg.report_videos, extra_md=extra, title="catnet demo report")
     return md, attention
@@ -280,7 +300,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     print(f"[demo] 2/5 features: {e.backbone} ({'Kinetics-400' if e.pretrained else 'random'} weights), "
           f"{e.sampling.num_clips} clips x {e.sampling.clip_len} frames (stride {e.sampling.stride}) x "
           f"{e.spatial.num_crops} crop(s) of {e.spatial.crop}px", file=sys.stderr)
-    store, result = cached_store(annotations, out, e, progress=progress)
+    store, result = cached_store(annotations, out, e, progress=progress, **dataset_key(s))
     if result.failed or result.failed_before:
         raise CatnetError(f"{result.failed + result.failed_before} synthetic videos failed to extract; see "
                           f"{store}/failures")

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 
 from catnet.engine.evaluate import predict_store
 from catnet.engine.runs import load_run, read_history
-from catnet.engine.splits import resolve_split, selection_note
+from catnet.engine.splits import resolve_split, selection, selection_note
 from catnet.errors import CatnetError
 from catnet.experiments.variants import variant_label
 from catnet.features.loader import mapped_labels
@@ -49,6 +49,17 @@ class Analysis:
     history: list[dict[str, float]] = field(default_factory=list)  # metrics.csv rows
     # set when the checkpoint was selected on the split analysed (catnet.engine.splits.selection_note)
     note: str | None = None
+    split: str | None = None  # the store split analysed ("" = a store without split names)
+    checkpoint: str | None = None  # "best" | "last"
+    selected_on: str | None = None  # the split the run validated on (None: no validation)
+
+    def provenance(self) -> str:
+        """'measured on the test split, last checkpoint (validation: train hold-out)', or '' if unknown."""
+        if self.split is None:
+            return ""
+        where = f"the {self.split!r} split" if self.split else "the store's videos"
+        checkpoint = f", {self.checkpoint} checkpoint" if self.checkpoint else ""
+        return f"measured on {where}{checkpoint} (validation: {self.selected_on or 'none'})"
 
     @property
     def preds(self) -> np.ndarray:
@@ -102,6 +113,7 @@ def analyse_run(run_dir: str | os.PathLike, store: str | os.PathLike | None = No
     name = variant_label(info["head"]["name"], info["head"].get("options") or {})
     a = analyse(head, fs, indices, info["classes"], name, read_history(run_dir))
     a.note = selection_note(info, which, split)
+    a.split, a.checkpoint, a.selected_on = split, which, selection(info)[0]
     return a, fs
 
 
@@ -299,7 +311,11 @@ def write_report(out: str | os.PathLike, run: Analysis, baseline: Analysis | Non
                                "mean_class_acc": float(np.nanmean(run.per_class()))}
     notes = [f"{a.name}: {a.note}" for a in (baseline, run) if a is not None and a.note]
     summary["selected_on_measured_split"] = bool(notes)
+    analysed = [a for a in (baseline, run) if a is not None]
+    summary.update(split=run.split, checkpoint=run.checkpoint, selected_on=run.selected_on)
+    where = list(dict.fromkeys(f"{a.name}: {a.provenance()}" for a in analysed if a.provenance()))
     md = [f"# {title}", "", extra_md, "" if extra_md else "", "## Accuracy", "",
+          *[f"Numbers {w}." for w in where], "" if where else "",
           *[f"**Note** ({n})" for n in notes], "" if notes else "",
           "| model | videos | top-1 (%) | top-5 (%) | mean class acc (%) |", "|---|---|---|---|---|"]
     for a in [x for x in (baseline, run) if x is not None]:
@@ -328,7 +344,8 @@ def write_report(out: str | os.PathLike, run: Analysis, baseline: Analysis | Non
     if hit is not None:
         summary["attention"] = hit
         md += ["## Does local attention find the action?", "",
-               f"On {hit['videos']} test videos, {_pct(hit['attention_on_action'])}% of the attention mass "
+               f"On {hit['videos']} {'test' if run.split is None else repr(run.split)} videos, "
+               f"{_pct(hit['attention_on_action'])}% of the attention mass "
                f"(sum over heads of alpha, Eq. 2) falls on clips that overlap the ground-truth action, which "
                f"make up {_pct(hit['clips_on_action'])}% of the clips (ratio {hit['ratio']:.2f}; 1 = no "
                "preference).", ""]

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
+import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -36,7 +39,14 @@ from catnet.engine.evaluate import evaluate_run
 from catnet.engine.finetune import FinetuneConfig, finetune
 from catnet.engine.train import TrainConfig
 from catnet.errors import CatnetError
-from catnet.experiments.stages import Row, cached_store, derived_store, run_finished, store_key, train_cached
+from catnet.experiments.stages import (
+    Row,
+    cached_store,
+    derived_store,
+    store_identity,
+    store_key,
+    train_cached,
+)
 from catnet.experiments.variants import TABLE1
 from catnet.features.extract import ExtractConfig
 from catnet.features.store import FeatureStore
@@ -133,8 +143,6 @@ def finetune_backbone(cfg: ReproduceConfig, stride: int, split_id: int, items: l
     """Fine-tune the backbone on a split's training videos; returns its checkpoint."""
     work = out / f"finetune-split{split_id}"
     done = work / "reproduce_done.json"
-    if done.is_file():
-        return json.loads(done.read_text())["checkpoint"]
     # The list names the videos through a link to their folder placed beside it, so that video ids stay
     # short relative paths (absolute paths would be accepted too).
     work.mkdir(parents=True, exist_ok=True)
@@ -153,8 +161,17 @@ def finetune_backbone(cfg: ReproduceConfig, stride: int, split_id: int, items: l
                           val_split="none", num_workers=e.workers, device=cfg.device,
                           resume=(work / "run" / "checkpoints" / "last.pt").is_file(), progress=False,
                           **({"epochs": cfg.epochs, "lr_step": cfg.epochs} if cfg.epochs else {}))
+    settings = {k: v for k, v in to_dict(fcfg).items() if k not in ("resume", "progress", "num_workers")}
+    settings["videos"] = hashlib.sha256(ann.read_bytes()).hexdigest()[:16]  # the split's training list
+    if done.is_file():
+        saved = json.loads(done.read_text())
+        if saved.get("settings") == settings:
+            return saved["checkpoint"]
+        shutil.rmtree(work / "run", ignore_errors=True)  # fine-tuned otherwise (backbone, epochs, videos)
+        done.unlink()
+        fcfg.resume = False
     result = finetune(fcfg)
-    atomic_write_json(done, {"checkpoint": result["backbone_checkpoint"]})
+    atomic_write_json(done, {"checkpoint": result["backbone_checkpoint"], "settings": settings})
     return result["backbone_checkpoint"]
 
 
@@ -208,7 +225,11 @@ def split_store(base: Path, items: list[dict], classes: list[str], out: Path) ->
 
     manifest = {**src.manifest, "classes": list(classes), "features_from": str(base)}
     info = {"left_out": len(items) - len(kept), "videos": len(kept)}
-    store, info = derived_store(out, manifest, rows, info)
+    # rebuilt when the base features (another checkpoint, other clips) or the split's videos change
+    chosen = [[it["id"], it["path"], it["label"], it["split"], it.get("group", "")] for it in items]
+    identity = {"features_from": str(base), "base": store_identity(src.manifest), "classes": list(classes),
+                "items": chosen}
+    store, info = derived_store(out, manifest, rows, info, identity=identity)
     return store, info["left_out"]
 
 
@@ -232,19 +253,16 @@ def train_config(cfg: ReproduceConfig, store: Path, run_dir: Path, head: str, op
 
 
 def train_run(cfg: ReproduceConfig, tcfg: TrainConfig) -> None:
-    """Train one run (stages.train_cached), or, on several GPUs, the same through torchrun."""
-    if cfg.gpus <= 1:
-        train_cached(tcfg)
-        return
+    """Train one run (stages.train_cached: reused only when current), on several GPUs through torchrun."""
+    train_cached(tcfg, trainer=None if cfg.gpus <= 1 else functools.partial(_torchrun_train, cfg.gpus))
+
+
+def _torchrun_train(gpus: int, tcfg: TrainConfig) -> None:
     run_dir = Path(tcfg.out)
-    if run_finished(run_dir, tcfg.epochs):
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resume = (run_dir / "checkpoints" / "last.pt").is_file()
     atomic_write_json(run_dir / "train_config.json", {k: v for k, v in to_dict(tcfg).items()
                                                       if k not in ("store", "out", "resume")})
-    cmd = ["torchrun", f"--nproc_per_node={cfg.gpus}", "-m", "catnet", "train", tcfg.store, "--out",
-           tcfg.out, "--config", str(run_dir / "train_config.json"), *(["--resume"] if resume else [])]
+    cmd = ["torchrun", f"--nproc_per_node={gpus}", "-m", "catnet", "train", tcfg.store, "--out",
+           tcfg.out, "--config", str(run_dir / "train_config.json"), *(["--resume"] if tcfg.resume else [])]
     if subprocess.run(cmd).returncode != 0:
         raise CatnetError(f"training failed: {' '.join(cmd)}")
 
@@ -295,7 +313,10 @@ def _split(cfg: ReproduceConfig, proto: Protocol, k: int, out: Path) -> dict[str
             train_run(cfg, train_config(cfg, store, run_dir, name, opts, seed))
             per_seed.append(evaluate_run(run_dir, store, proto.eval_split, which="last"))
         heads[h] = {m: float(np.mean([p[m] for p in per_seed])) for m in METRICS}
-        heads[h]["n"] = per_seed[0]["n"]
+        # which split measured, which checkpoint, and what (if anything) selected it: said beside the numbers
+        heads[h].update(n=per_seed[0]["n"], measured_on=per_seed[0]["split"], checkpoint="last",
+                        selected_on=per_seed[0]["selected_on"],
+                        notes=sorted({p["note"] for p in per_seed if p.get("note")}))
     return {"left_out": left_out, "heads": heads}
 
 
@@ -316,6 +337,10 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
             v = [results["splits"][str(k)]["heads"][h][m] for k in splits]
             summary[h][m] = {"mean": float(np.mean(v)), "std": float(np.std(v))}  # std over splits, ddof 0
     results["summary"] = summary
+    first = [results["splits"][str(k)]["heads"][h] for k in splits for h in cfg.heads]
+    results["measured"] = {"split": sorted({r["measured_on"] for r in first}), "checkpoint": "last",
+                           "selected_on": sorted({r["selected_on"] for r in first}, key=str),
+                           "notes": sorted({n for r in first for n in r["notes"]})}
     atomic_write_json(out / "results.json", results)
     return results
 
@@ -327,5 +352,11 @@ def print_summary(results: dict[str, Any]) -> None:
         t.add_column(col, justify="left" if col == "head" else "right")
     for h, s in results["summary"].items():
         t.add_row(h, *(f"{100 * s[m]['mean']:.1f} ± {100 * s[m]['std']:.1f}" for m in METRICS))
+    measured = results.get("measured")
+    if measured:
+        validated = ", ".join(s for s in measured["selected_on"] if s is not None) or "none"
+        lines = [f"measured on the {', '.join(measured['split'])} split, the last checkpoint of each run "
+                 f"(validation split: {validated})", *(f"note: {n}" for n in measured["notes"])]
+        t.caption = "\n".join(lines)
     console = Console()
     (console if console.is_terminal else Console(width=120)).print(t)

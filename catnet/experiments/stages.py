@@ -4,8 +4,9 @@
   features (resumed if interrupted);
 - `derived_store`: a store made from another (relabelled, selected or transformed rows), marked complete
   only once written, rebuilt from scratch if it was interrupted;
-- `train_cached`: train a run in-process; a finished run is reused, an interrupted one resumed, one
-  trained with other settings (or whose head a changed preset would now build differently) retrained.
+- `train_cached`: train a run (in-process, or through a given launcher); a finished run is reused, an
+  interrupted one resumed, one trained with other settings, another length, on other features, or whose
+  head a changed preset would now build differently, retrained.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from catnet.engine.runs import CHECKPOINTS, RUN_JSON, read_history, read_run_inf
 from catnet.engine.train import TrainConfig, train, train_head_args
 from catnet.errors import CatnetError
 from catnet.features.extract import ExtractConfig, ExtractResult, extract
-from catnet.features.store import FeatureStore, StoreWriter
+from catnet.features.store import FEATURE_KEYS, FeatureStore, StoreWriter
 from catnet.heads import head_config
 from catnet.utils.io import atomic_write_json
 
@@ -65,22 +66,30 @@ class Row:
 
 
 def derived_store(dst: Path, manifest: dict[str, Any], rows: Callable[[], Iterable[Row]],
-                  info: dict[str, Any] | None = None, marker: str = COMPLETE) -> tuple[Path, dict[str, Any]]:
+                  info: dict[str, Any] | None = None, marker: str = COMPLETE,
+                  identity: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
     """The store `dst` written from `rows()`, once: returns (dst, the info saved with it).
 
-    A complete store (its `marker` file exists) is reused; an interrupted one is rebuilt (no decoding,
-    it takes seconds).
+    A complete store (its `marker` file exists) is reused when it was made from the same `identity`
+    (what it is derived from: the source store, the rows chosen; saved in the marker and, as a digest,
+    in the manifest, so runs trained on an older version of it are retrained: `train_cached`); an
+    interrupted or out-of-date one is rebuilt (no decoding, it takes seconds).
     """
     marker = dst / marker
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
     if marker.is_file():
-        return dst, json.loads(marker.read_text())
+        saved = json.loads(marker.read_text())
+        if identity is None or saved.get("identity") == digest:
+            return dst, saved
     if dst.exists():
         shutil.rmtree(dst)
+    if identity is not None:
+        manifest = {**manifest, "derived": digest}
     with StoreWriter(dst, manifest, shard_size=64, flush_seconds=None, journal=False) as w:
         for r in rows():
             w.add(r.id, r.features, r.times, label=r.label, split=r.split, path=r.path, num_crops=r.num_crops,
                   group=r.group)
-    info = dict(info or {})
+    info = dict(info or {}, **({"identity": digest} if identity is not None else {}))
     atomic_write_json(marker, info)
     return dst, info
 
@@ -118,21 +127,47 @@ def head_changed(cfg: TrainConfig, info: dict[str, Any]) -> bool:
     return to_dict(config) != (info.get("head") or {}).get("config")
 
 
-def train_cached(cfg: TrainConfig, log: str = "train.log") -> bool:
+# what decides a store's features, beside FEATURE_KEYS: the source of a derived store and its digest
+STORE_IDENTITY = (*FEATURE_KEYS, "features_from", "derived")
+
+
+def store_identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {k: manifest.get(k) for k in STORE_IDENTITY}
+
+
+def stale_run(cfg: TrainConfig, info: dict[str, Any]) -> bool:
+    """Whether a recorded run is not what `cfg` would train today: other settings, another length (a
+    cached 2-epoch run is not a default-length one, and extending a cosine run differs from a straight
+    run), another store or features, or a head a changed preset would build differently."""
+    old = info.get("train") or {}
+    if settings_diff(cfg, old) or old.get("epochs") != cfg.epochs or old.get("store") != cfg.store:
+        return True
+    recorded = ((info.get("store") or {}).get("manifest")) or {}
+    try:
+        current = FeatureStore(cfg.store).manifest
+    except CatnetError:  # no store there: train() says so
+        return True
+    return store_identity(recorded) != store_identity(current) or head_changed(cfg, info)
+
+
+def train_cached(cfg: TrainConfig, log: str = "train.log",
+                 trainer: Callable[[TrainConfig], Any] | None = None) -> bool:
     """Train `cfg` into cfg.out unless it is already there; the trainer's lines go to RUN/`log`.
 
-    Returns True when it trained (or resumed). A run recorded with other settings is deleted first.
+    Returns True when it trained (or resumed). A stale run (`stale_run`) is deleted first. `trainer`
+    (default: `train` in this process, its output redirected) is called with cfg.resume set, e.g. to
+    launch the same run under torchrun.
     """
     run_dir = Path(cfg.out)
-    if (run_dir / RUN_JSON).is_file():
-        info = read_run_info(run_dir)
-        old = info.get("train") or {}
-        if settings_diff(cfg, old) or old.get("store") != cfg.store or head_changed(cfg, info):
-            shutil.rmtree(run_dir)
+    if (run_dir / RUN_JSON).is_file() and stale_run(cfg, read_run_info(run_dir)):
+        shutil.rmtree(run_dir)
     if run_finished(run_dir, cfg.epochs):
         return False
     cfg.resume = (run_dir / CHECKPOINTS / "last.pt").is_file()
     run_dir.mkdir(parents=True, exist_ok=True)
+    if trainer is not None:
+        trainer(cfg)
+        return True
     with open(run_dir / log, "a") as f, contextlib.redirect_stderr(f), contextlib.redirect_stdout(f):
         train(cfg)
     return True

@@ -127,7 +127,8 @@ class VideoHead(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """A freshly initialised `num_classes`-way classifier; everything before it is kept."""
         self.config = dataclasses.replace(self.config, num_classes=num_classes)
-        self.classifier = nn.Linear(self.num_features, num_classes).to(self.classifier.weight.device)
+        old = self.classifier.weight
+        self.classifier = nn.Linear(self.num_features, num_classes).to(device=old.device, dtype=old.dtype)
 
 
 class Dropout(nn.Dropout):
