@@ -42,6 +42,8 @@ FORMATS = {  # name: (codec, pix_fmt, options); every one with keyframes every 8
     "ffv1.mkv": ("ffv1", "yuv444p", {"g": "8"}),
     "vp9.webm": ("libvpx-vp9", "yuv420p", {"g": "8", "crf": "20", "b": "0", "deadline": "realtime"}),
     "anim.gif": ("gif", "rgb8", None),
+    # MPEG-PS with B-frames: its timestamps after a seek are a few frames off, so it is never seeked
+    "mpeg1.mpg": ("mpeg1video", "yuv420p", {"g": "8", "bf": "2", "qmax": "3"}),
 }
 
 
@@ -59,6 +61,28 @@ def test_containers_exact_indices_seek_equals_sequential(tmp_path, name):
     seeking = read_frames(path, want, seek_gap=2)
     assert frame_ids(seeking).tolist() == want
     np.testing.assert_array_equal(seeking, sequential[want])
+
+
+def test_a_longer_audio_track_does_not_change_the_video_rate(tmp_path):
+    """mkv/webm record no per-stream duration; the container's is the longest stream's (3 s of audio
+    here), which would put every clip time 1.5x too late: the rate comes from the video's packets."""
+    from fractions import Fraction
+
+    path = tmp_path / "av.mkv"
+    with av.open(str(path), "w") as c:
+        v = c.add_stream("libx264", rate=25)
+        v.width, v.height, v.pix_fmt = 48, 32, "yuv420p"
+        a = c.add_stream("aac", rate=48000)
+        for frame in numbered(50):  # 2 s of video
+            c.mux(v.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        c.mux(v.encode())
+        for n in range(0, 3 * 48000, 1024):  # 3 s of audio
+            af = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="flt", layout="mono")
+            af.sample_rate, af.pts, af.time_base = 48000, n, Fraction(1, 48000)
+            c.mux(a.encode(af))
+        c.mux(a.encode())
+    info = probe(path)
+    assert (info.num_frames, info.fps) == (50, pytest.approx(25.0)) and info.duration == pytest.approx(2.0)
 
 
 class SeekSpy:

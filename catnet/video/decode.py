@@ -42,6 +42,8 @@ SEEK_GAP = 64
 # A container may claim a few frames more than the decoder produces (edit lists, a dropped final
 # frame); requests that far past the last decoded frame get that last frame instead of an error.
 END_SLACK = 3
+# containers whose timestamps cannot anchor a seek (see _decode)
+UNSEEKABLE_FORMATS = frozenset({"mpeg", "mpegts", "mpegvideo"})
 DEFAULT_FPS = 25.0
 # Geometry limits, far beyond real video (8K UHD is 7680x4320 = 33 Mpx, 12K 360-degree 11520x5760 = 66 Mpx;
 # a 32:9 panorama is 3.6:1): larger frames would not fit the decode budget, and a more extreme aspect
@@ -181,11 +183,27 @@ def _to_rgb(frame, size: tuple[int, int] | None, orient: tuple[int, bool]) -> np
     return rgb[:, ::-1] if hflip else rgb
 
 
-def _count_packets(path: Path) -> int:
-    """Frames by demuxing (reads the file, decodes nothing): one packet per frame for video codecs."""
+def _scan_packets(path: Path) -> tuple[int, float | None]:
+    """(frames, seconds) of the video stream by demuxing (reads the file, decodes nothing): one packet
+    per frame for video codecs, and the span of their timestamps, which a container's own duration is
+    not (the longest stream's in mkv/webm, a bitrate guess in MPEG-PS). Seconds None without timestamps."""
     with _open(path) as container:
         stream = container.streams.video[0]
-        return sum(1 for p in container.demux(stream) if p.size > 0)
+        count, lo, hi, timed = 0, None, None, True
+        for p in container.demux(stream):
+            if p.size <= 0:
+                continue
+            count += 1
+            if p.pts is not None:
+                timed = timed and bool(p.duration)
+                lo = p.pts if lo is None else min(lo, p.pts)
+                hi = p.pts + (p.duration or 0) if hi is None else max(hi, p.pts + (p.duration or 0))
+        tb = stream.time_base
+        if lo is None or tb is None or hi <= lo:
+            return count, None
+        seconds = float((hi - lo) * tb)
+        # without packet durations the span ends at the last frame's start: one frame short
+        return count, seconds if timed or count < 2 else seconds * count / (count - 1)
 
 
 def probe(path: str | os.PathLike) -> VideoInfo:
@@ -208,18 +226,16 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         width, height = first.width, first.height
         if k % 2:
             width, height = height, width
-        num_frames = int(stream.frames or 0)
-        if num_frames <= 0:
-            try:
-                num_frames = _count_packets(path)
-            except (av.FFmpegError, OSError) as e:
-                raise VideoError(f"cannot read {quoted(path.name)}: {_reason(e)}") from None
-        fps = _fps(stream)
-        duration = None
+        num_frames, duration = int(stream.frames or 0), None
         if stream.duration and stream.time_base:
             duration = float(stream.duration * stream.time_base)
-        elif container.duration:
-            duration = container.duration / av.time_base
+        if num_frames <= 0 or duration is None:
+            try:
+                counted, duration = _scan_packets(path)
+            except (av.FFmpegError, OSError) as e:
+                raise VideoError(f"cannot read {quoted(path.name)}: {_reason(e)}") from None
+            num_frames = num_frames if num_frames > 0 else counted
+        fps = _fps(stream)
         if fps is None:
             fps = num_frames / duration if duration else DEFAULT_FPS
         if not duration:
@@ -263,7 +279,10 @@ def _decode(path: Path, uniq: np.ndarray, seek_gap: int | None) -> np.ndarray:
         if yuv * (os.cpu_count() or 1) > DECODER_FRAMES_BUDGET:
             stream.thread_count = max(1, DECODER_FRAMES_BUDGET // yuv)
         fps, tb = _fps(stream), stream.time_base
-        can_seek = seek_gap is not None and fps is not None and tb is not None
+        # MPEG program/transport streams stamp the frames after a seek a few frames off while later ones
+        # step by one, so the pts check below cannot catch it: decode those front to back
+        can_seek = (seek_gap is not None and fps is not None and tb is not None
+                    and container.format.name not in UNSEEKABLE_FORMATS)
         start_pts = 0  # pts of frame 0, set from the first decoded frame
 
         def to_index(pts: int) -> int:
@@ -286,6 +305,8 @@ def _decode(path: Path, uniq: np.ndarray, seek_gap: int | None) -> np.ndarray:
             except (av.FFmpegError, OSError) as e:
                 raise VideoError(f"cannot decode {quoted(path.name)}: {_reason(e)}") from None
             if frame is None:
+                if last is None:  # a seek that lands past the last frame: decode from the start
+                    raise _Inconsistent
                 break
             if size is None:  # frame 0 (decoding always starts there): every frame gets its geometry
                 check_geometry(path, frame.width, frame.height)
