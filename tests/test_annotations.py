@@ -110,6 +110,48 @@ def test_folder_per_class(tmp_path):
     assert all(it.path.is_file() and it.split is None for it in ann.items)
 
 
+def test_symlinked_class_folders_are_classes_and_link_cycles_end(tmp_path):
+    touch(tmp_path / "elsewhere" / "jump" / "a.mp4")
+    touch(tmp_path / "data" / "run" / "b.mp4")
+    (tmp_path / "data" / "jump").symlink_to(tmp_path / "elsewhere" / "jump", target_is_directory=True)
+    (tmp_path / "data" / "run" / "loop").symlink_to(tmp_path / "data", target_is_directory=True)
+    ann = load_annotations(tmp_path / "data")
+    assert ann.classes == ["jump", "run"]
+    assert [it.id for it in ann.items] == ["jump/a", "run/b"]
+
+
+def test_split_lists_that_are_not_utf8_are_one_line_errors(tmp_path):
+    ucf = tmp_path / "ucf"
+    ucf.mkdir()
+    (ucf / "classInd.txt").write_bytes(b"1 Caf\xe9\n")
+    with pytest.raises(CatnetError, match="not UTF-8 text") as e:
+        load_annotations(ucf)
+    assert "\n" not in str(e.value)
+    hmdb = tmp_path / "hmdb"
+    hmdb.mkdir()
+    (hmdb / "run_test_split1.txt").write_bytes(b"caf\xe9.avi 1\n")
+    with pytest.raises(CatnetError, match="not UTF-8 text"):
+        load_annotations(hmdb)
+
+
+def test_extract_sources_include_ucf101_and_hmdb51_split_folders(tmp_path):
+    from catnet.data.sources import list_videos
+
+    splits, root = tmp_path / "ucfTrainTestlist", tmp_path / "UCF-101"
+    splits.mkdir()
+    (splits / "classInd.txt").write_text("1 Zoom\n")
+    (splits / "trainlist01.txt").write_text("Zoom/v_Zoom_g01_c01.avi 1\n")
+    (splits / "testlist01.txt").write_text("Zoom/v_Zoom_g02_c01.avi\n")
+    for g in (1, 2):
+        touch(root / "Zoom" / f"v_Zoom_g0{g}_c01.avi")
+    entries, classes = list_videos(splits, root=root)
+    assert classes == ["Zoom"]
+    assert [(e.id, e.split, e.group, e.label) for e in entries] == [
+        ("Zoom/v_Zoom_g01_c01", "train", "Zoom_g01", 0), ("Zoom/v_Zoom_g02_c01", "test", "Zoom_g02", 0)]
+    with pytest.raises(CatnetError, match="not a folder"):
+        list_videos(splits, root=tmp_path / "nope")
+
+
 def test_plain_csv(tmp_path):
     touch(tmp_path / "clips" / "a.mp4")
     touch(tmp_path / "clips" / "b.mp4")

@@ -146,7 +146,7 @@ def test_actionformer_layout_opens_like_their_loader(tmp_path):
 
 
 def test_export_refuses_ids_that_would_escape_the_folder(tmp_path):
-    for n, bad in enumerate(("../evil", "a/../../x", "/abs/x", "a//b", "__catnet__/x")):
+    for n, bad in enumerate(("../evil", "a/../../x", "//abs/x", "/abs/../../x", "a//b", "__catnet__/x")):
         root = tmp_path / f"s{n}"
         with StoreWriter(root, dense_manifest(), journal=False) as w:
             w.add(bad, np.ones((1, 8), np.float32), [[0, 1]])
@@ -160,6 +160,21 @@ def test_export_refuses_ids_that_would_escape_the_folder(tmp_path):
             w.add(vid, np.ones((1, 8), np.float32), [[0, 1]])
     with pytest.raises(CatnetError, match="both become file"):
         export_store(root, tmp_path / "out", layout="actionformer")
+
+
+@pytest.mark.parametrize("fmt", ["npy", "hdf5"])
+def test_ids_of_videos_listed_by_absolute_path_export_inside_and_round_trip(tmp_path, fmt):
+    """A CSV of absolute paths (outside its folder) gives ids that are those paths: their files go under
+    OUT/ without the leading '/', and an import gives the ids back."""
+    root = tmp_path / "s"
+    with StoreWriter(root, dense_manifest(), journal=False) as w:
+        w.add("/archive/2024/take_1", np.ones((2, 8), np.float32), [[0, 1], [1, 2]])
+    out = tmp_path / ("e.h5" if fmt == "hdf5" else "e")
+    export_store(root, out, format=fmt)
+    if fmt == "npy":
+        assert (out / "archive" / "2024" / "take_1.npy").is_file()
+    import_features(out, tmp_path / "back")
+    assert FeatureStore(tmp_path / "back").ids == ["/archive/2024/take_1"]
 
 
 def test_export_refusals(store, tmp_path):

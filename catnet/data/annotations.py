@@ -198,6 +198,16 @@ def read_kinetics(csv_path: str | os.PathLike, root: str | os.PathLike | None = 
 # ------------------------------------------------------------------------------------- UCF101 / HMDB51
 
 
+def _text_lines(path: Path) -> list[str]:
+    """A split list's lines; one-line errors for a file that is unreadable or not UTF-8 text."""
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise CatnetError(f"{path} is not UTF-8 text (byte {e.start}): re-save it as UTF-8") from None
+    except OSError as e:
+        raise CatnetError(f"cannot read {path}: {e.strerror or e}") from None
+
+
 def read_ucf101(split_dir: str | os.PathLike, root: str | os.PathLike | None = None, split_id: int = 1,
                 check_files: bool = True) -> Annotations:
     """UCF101 split files: classInd.txt ("1 ApplyEyeMakeup"), trainlist0N.txt ("Class/v_x.avi 1") and
@@ -211,7 +221,7 @@ def read_ucf101(split_dir: str | os.PathLike, root: str | os.PathLike | None = N
     if not class_file.is_file():
         raise CatnetError(f"{split_dir}: no classInd.txt (not a UCF101 split folder)")
     classes = []
-    for n, line in enumerate(class_file.read_text().splitlines(), start=1):
+    for n, line in enumerate(_text_lines(class_file), start=1):
         if not line.strip():
             continue
         parts = line.split()
@@ -224,7 +234,7 @@ def read_ucf101(split_dir: str | os.PathLike, root: str | os.PathLike | None = N
         list_file = split_dir / f"{split}list{split_id:02d}.txt"
         if not list_file.is_file():
             raise CatnetError(f"{split_dir}: missing {list_file.name}")
-        for n, line in enumerate(list_file.read_text().splitlines(), start=1):
+        for n, line in enumerate(_text_lines(list_file), start=1):
             if not line.strip():
                 continue
             where = f"{list_file.name} line {n}"
@@ -260,7 +270,7 @@ def read_hmdb51(split_dir: str | os.PathLike, root: str | os.PathLike | None = N
     items = []
     for p in files:
         cls = HMDB_SPLIT.match(p.name)["cls"]
-        for n, line in enumerate(p.read_text().splitlines(), start=1):
+        for n, line in enumerate(_text_lines(p), start=1):
             if not line.strip():
                 continue
             where = f"{p.name} line {n}"
@@ -294,7 +304,7 @@ def read_folder(root: str | os.PathLike, unlabelled: bool = False) -> Annotation
     """
     root = Path(os.path.abspath(root))
     items, seen = [], {}
-    for p in sorted(root.rglob("*")):
+    for p in sorted(_files_under(root)):
         rel = p.relative_to(root)
         if any(part.startswith(".") for part in rel.parts) or not is_video(p):
             continue
@@ -311,6 +321,20 @@ def read_folder(root: str | os.PathLike, unlabelled: bool = False) -> Annotation
         where = "" if unlabelled else " in class folders"
         raise CatnetError(f"no videos found{where} in {root} (looked for {', '.join(VIDEO_SUFFIXES)})")
     return Annotations(items, classes, [])
+
+
+def _files_under(root: Path) -> list[Path]:
+    """Every file below `root`, following symlinked folders (a class folder linked in from elsewhere is
+    still a class; Path.rglob skips them) but never the same folder twice (link cycles)."""
+    files, visited = [], set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in visited:
+            dirs[:] = []
+            continue
+        visited.add((st.st_dev, st.st_ino))
+        files += [Path(folder) / n for n in names]
+    return files
 
 
 def _read_csv_rows(path: Path) -> list[list[str]]:

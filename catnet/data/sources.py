@@ -1,8 +1,9 @@
 """What a video source is to the jobs that read videos: a list of `VideoEntry` and the class names.
 
 `list_videos(source, root=None)` accepts a folder (one sub-folder per class; videos directly in it are
-unlabelled) or any annotation file `catnet.data.annotations` reads, its relative paths resolved against
-`root` (default: the file's folder). Ids are unique and stable: relative paths without suffix for
+unlabelled), a UCF101 or HMDB51 split folder (its split 1's train/test labels), or any annotation file
+`catnet.data.annotations` reads, its relative paths resolved against `root` (default: the file's folder,
+the split folder's parent). Ids are unique and stable: relative paths without suffix for
 folders, the annotation's ids otherwise. `group` is the source video a clip was cut from ("" unknown).
 """
 
@@ -12,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from catnet.data.annotations import VIDEO_SUFFIXES, load_annotations, read_folder
+from catnet.data.annotations import VIDEO_SUFFIXES, detect_format, load_annotations, read_folder
 from catnet.errors import CatnetError
 
 __all__ = ["VIDEO_SUFFIXES", "VideoEntry", "list_videos"]
@@ -42,8 +43,14 @@ def list_videos(source: str | os.PathLike, root: str | os.PathLike | None = None
         items = [*ann.items, *ann.missing]
     elif not source.is_dir():
         raise CatnetError(f"source not found: {source}")
+    elif detect_format(source) in ("ucf101", "hmdb51"):  # a folder of split lists (labels of split 1)
+        if root is not None and not Path(root).is_dir():
+            raise CatnetError(f"--root {root} is not a folder")
+        ann = load_annotations(source, root=root)
+        items = [*ann.items, *ann.missing]
     elif root is not None:
-        raise CatnetError("--root applies to an annotation file; a folder of class folders is its own root")
+        raise CatnetError("--root applies to an annotation file or a UCF101/HMDB51 split folder; a folder "
+                          "of class folders is its own root")
     else:
         ann = read_folder(source, unlabelled=True)
         items = ann.items

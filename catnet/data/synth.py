@@ -162,6 +162,8 @@ class SynthConfig:
                               f"{self.videos_per_class}")
         if min(self.height, self.width) < 32:
             raise CatnetError(f"frame size must be at least 32x32, got {self.height}x{self.width}")
+        if self.height % 2 or self.width % 2:  # H.264 in yuv420p halves the colour planes
+            raise CatnetError(f"frame size must be even, got {self.height}x{self.width}")
         if not 8 <= self.min_frames <= self.max_frames:
             raise CatnetError(f"need 8 <= min_frames <= max_frames, got {self.min_frames}, {self.max_frames}")
         if not 0 < self.action_min <= self.action_max < 1:

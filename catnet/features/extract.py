@@ -257,12 +257,25 @@ def _lock(root: Path, prefix: str):
 
 
 def _resolve_device(name: str) -> torch.device:
+    """cpu, or a GPU: under torchrun a bare "cuda" (or "auto") is this rank's GPU (LOCAL_RANK), so that
+    the ranks of one machine do not all load their model onto GPU 0."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as e:
         raise CatnetError(f"bad --device {name!r}: {e}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise CatnetError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CatnetError(f"--device {name}: no GPU is available (PyTorch sees none)")
+        if device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CatnetError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
+        torch.cuda.set_device(device)
+    return device
 
 
 def _wants_pretrained(cfg: ExtractConfig) -> bool:

@@ -215,11 +215,14 @@ def _export_plan(store: FeatureStore, layout: str, fmt: str) -> list[_ExportItem
     sampling = store.manifest.get("sampling") or {}
     items, seen = [], {}
     for i, rec in enumerate(records):
-        vid = _safe_rel(rec["id"])
-        if fmt == "hdf5" and not _is_utf8(vid):
+        vid = rec["id"]
+        # the id of a video listed by absolute path (outside the CSV's root) is that path: its file goes
+        # under OUT/ without the leading "/", the index keeps the id itself
+        rel = _safe_rel(vid[1:] if isinstance(vid, str) and vid.startswith("/") and len(vid) > 1 else vid)
+        if fmt == "hdf5" and not _is_utf8(rel):
             raise CatnetError(f"video id {quoted(vid)} comes from a non-UTF-8 file name, and HDF5 names "
                               "must be UTF-8; export with --format npy (file names keep their bytes)")
-        name = vid.replace("/", "__") if layout == "actionformer" else vid
+        name = rel.replace("/", "__") if layout == "actionformer" else rel
         if name in seen:
             raise CatnetError(f"video ids {quoted(seen[name])} and {quoted(vid)} both become file "
                               f"{quoted(name)} in the flat {layout} layout; rename one")
