@@ -23,6 +23,7 @@ from catnet.engine.train import train
 from catnet.errors import CatnetError
 from catnet.features import FeatureStore
 from catnet.features.store import read_shard_videos
+from catnet.utils.io import file_digest
 from catnet.video import ClipSampling, SpatialConfig, clip_times, sample_clips, train_view
 from catnet.video import transforms as T
 
@@ -236,7 +237,7 @@ def test_weights_fetch_never_ignores_an_explicit_source(tmp_path, monkeypatch, c
     small = tmp_path / "small.ckpt"  # a checkpoint of another shape: converting it must fail
     small.write_bytes(pickle.dumps({"params": {"Conv3d_1a_7x7": {"Conv_0": {
         "kernel": np.zeros((7, 7, 7, 3, 8), np.float32)}}}}))
-    sidecar = {"sha256": "x", "source_sha256": weights._sha256_file(small)}
+    sidecar = {"sha256": "x", "source_sha256": file_digest(small)}
     weights.sidecar_path().write_text(json.dumps(sidecar))
     capfd.readouterr()
 

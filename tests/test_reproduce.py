@@ -98,6 +98,15 @@ def test_reproduce_hmdb51_and_kinetics(tmp_path, capsys):
     assert Path(ckpt).is_file()
     store = next((tmp_path / "h").glob("features-*"))
     assert json.loads((store / "manifest.json").read_text())["checkpoint"] == ckpt
+    # the same command reuses the fine-tuned backbone; another length fine-tunes it again
+    argv = ["reproduce", "hmdb51", "--root", str(hmdb), "--out", str(tmp_path / "h"), "--splits", "2"]
+    before = Path(ckpt).stat().st_mtime_ns
+    assert main([*argv, *TINY[1:]]) == 0 and Path(ckpt).stat().st_mtime_ns == before
+    at = TINY.index("--epochs") + 1
+    longer = [*TINY[1:at], "2", *TINY[at + 1:]]
+    assert main([*argv, *longer]) == 0 and Path(ckpt).stat().st_mtime_ns != before
+    run = json.loads((tmp_path / "h" / "finetune-split2" / "run" / "run.json").read_text())
+    assert run["finetune"]["epochs"] == 2
 
     kin = tmp_path / "kinetics"
     for split, csv_name in (("train", "train.csv"), ("val", "validate.csv")):

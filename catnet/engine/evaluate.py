@@ -68,6 +68,7 @@ def evaluate_indices(head: nn.Module, store: FeatureStore, labels: np.ndarray, i
 
 EVAL_FOLDERS = {"best": "eval", "last": "eval-last"}  # RUN/<folder>/<store>/<split>/, per checkpoint
 
+
 def evaluate(head: nn.Module, store: FeatureStore | str | Path, split: str | None = "test", *,
              classes: list[str] | None = None, batch_size: int = 64, device: str = "cpu",
              num_workers: int = 0, progress: bool = False) -> dict[str, Any]:

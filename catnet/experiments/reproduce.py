@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
-import hashlib
 import io
 import json
 import os
@@ -37,6 +36,8 @@ from catnet.config import from_dict, load_yaml, to_dict
 from catnet.data.annotations import load_annotations
 from catnet.engine.evaluate import evaluate_run
 from catnet.engine.finetune import FinetuneConfig, finetune
+from catnet.engine.loop import settings_diff
+from catnet.engine.runs import RUN_JSON, read_run_info
 from catnet.engine.train import TrainConfig
 from catnet.errors import CatnetError
 from catnet.experiments.stages import (
@@ -50,7 +51,7 @@ from catnet.experiments.stages import (
 from catnet.experiments.variants import TABLE1
 from catnet.features.extract import ExtractConfig
 from catnet.features.store import FeatureStore
-from catnet.utils.io import atomic_write_json, atomic_write_text
+from catnet.utils.io import atomic_write_json, atomic_write_text, file_digest
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ def finetune_backbone(cfg: ReproduceConfig, stride: int, split_id: int, items: l
     if not link.is_symlink():
         link.symlink_to(videos_dir.resolve(), target_is_directory=True)
     ann = work / "train.csv"
+    listed = ann.read_bytes() if ann.is_file() else None
     _write_csv(ann, [{**it, "path": "videos/" + Path(it["path"]).relative_to(videos_dir.resolve()).as_posix()}
                      for it in items if it["split"] == "train"])
     e = cfg.extract
@@ -161,18 +163,23 @@ def finetune_backbone(cfg: ReproduceConfig, stride: int, split_id: int, items: l
                           val_split="none", num_workers=e.workers, device=cfg.device,
                           resume=(work / "run" / "checkpoints" / "last.pt").is_file(), progress=False,
                           **({"epochs": cfg.epochs, "lr_step": cfg.epochs} if cfg.epochs else {}))
-    settings = {k: v for k, v in to_dict(fcfg).items() if k not in ("resume", "progress", "num_workers")}
-    settings["videos"] = hashlib.sha256(ann.read_bytes()).hexdigest()[:16]  # the split's training list
     if done.is_file():
-        saved = json.loads(done.read_text())
-        if saved.get("settings") == settings:
-            return saved["checkpoint"]
+        checkpoint = json.loads(done.read_text())["checkpoint"]
+        if listed == ann.read_bytes() and _finetuned_as(fcfg) and Path(checkpoint).is_file():
+            return checkpoint
         shutil.rmtree(work / "run", ignore_errors=True)  # fine-tuned otherwise (backbone, epochs, videos)
         done.unlink()
         fcfg.resume = False
     result = finetune(fcfg)
-    atomic_write_json(done, {"checkpoint": result["backbone_checkpoint"], "settings": settings})
+    atomic_write_json(done, {"checkpoint": result["backbone_checkpoint"]})
     return result["backbone_checkpoint"]
+
+
+def _finetuned_as(fcfg: FinetuneConfig) -> bool:
+    """Whether the finished fine-tuning run in fcfg.out was made with these settings and this length."""
+    path = Path(fcfg.out) / RUN_JSON
+    old = (read_run_info(fcfg.out).get("finetune") or {}) if path.is_file() else None
+    return old is not None and not settings_diff(fcfg, old) and old.get("epochs") == fcfg.epochs
 
 
 def _write_csv(path: Path, items: list[dict]) -> None:
@@ -189,14 +196,16 @@ def extract_features(cfg: ReproduceConfig, stride: int, videos_dir: Path, checkp
     """Clip features of every video under `videos_dir` (all splits at once); cached by settings."""
     ecfg = dataclasses.replace(cfg.extract, checkpoint=checkpoint, device=cfg.device,
                                sampling=dataclasses.replace(cfg.extract.sampling, stride=stride))
+    # the checkpoint's bytes, not only its path: a backbone fine-tuned again is saved under the same name
+    key = {"source": str(videos_dir), **({"weights": file_digest(checkpoint)} if checkpoint else {})}
     if cfg.gpus <= 1:
-        store, result = cached_store(videos_dir, out, ecfg, prefix="features", source=str(videos_dir))
+        store, result = cached_store(videos_dir, out, ecfg, prefix="features", **key)
         if result.failed or result.failed_before:
             print(f"reproduce: {result.failed + result.failed_before} video(s) failed to extract; they are "
                   f"left out (see {store}/failures)", file=sys.stderr)
         return store
     # one process per GPU, each taking every N-th video (catnet extract under torchrun)
-    store = out / f"features-{store_key(ecfg, source=str(videos_dir))}"
+    store = out / f"features-{store_key(ecfg, **key)}"
     e = ecfg
     cmd = ["torchrun", f"--nproc_per_node={cfg.gpus}", "-m", "catnet", "extract", str(videos_dir),
            "--out", str(store), "--backbone", e.backbone, "--clips", str(e.sampling.num_clips), "--frames",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -86,6 +87,15 @@ def finite_json(obj):
 def to_json(obj, **kwargs) -> str:
     """json.dumps that always writes valid JSON (non-finite floats become null)."""
     return json.dumps(finite_json(obj), allow_nan=False, **kwargs)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> Path:
