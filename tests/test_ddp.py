@@ -141,3 +141,26 @@ def test_torchrun_class_weighted_loss_is_the_global_batchs(tmp_path):
     two = run(tmp_path / "two", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     for k in one:
         torch.testing.assert_close(one[k], two[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def _broadcast_worker(rank: int, init: str, out: str) -> None:
+    import torch.distributed as td
+
+    from catnet.utils.distributed import broadcast_buffers
+
+    td.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    bn = torch.nn.BatchNorm1d(3)
+    bn.running_mean.fill_(float(rank + 1))  # each rank's last training step moved its own statistics
+    broadcast_buffers(bn)
+    torch.save(bn.running_mean, f"{out}.{rank}")
+    td.destroy_process_group()
+
+
+def test_broadcast_buffers_gives_every_rank_rank0s_batchnorm_statistics(tmp_path):
+    """What a fine-tuning run's DDP validation does first: all ranks score with the saved statistics."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "mean")
+    mp.spawn(_broadcast_worker, args=(f"file://{tmp_path / 'init'}", out), nprocs=2)
+    for rank in (0, 1):
+        assert torch.load(f"{out}.{rank}").tolist() == [1.0, 1.0, 1.0]

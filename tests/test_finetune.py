@@ -136,3 +136,25 @@ def test_video_prediction_averages_softmax_over_views():
     expected = model(views).softmax(1).mean(0)
     assert torch.allclose(p, expected, atol=1e-6) and abs(float(p.sum()) - 1) < 1e-5
     assert not torch.allclose(p, model(views).mean(0).softmax(0))  # not the softmax of averaged logits
+
+
+def test_a_failed_videos_blank_clip_stays_out_of_batchnorm_and_the_loss():
+    """A video that fails to decode becomes a blank clip labelled IGNORE: it must change neither the
+    loss of the others nor BatchNorm's running statistics (which the saved backbone keeps)."""
+    from catnet.engine.finetune import IGNORE, BackboneJob
+    from catnet.engine.optim import Criterion
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv3d(3, 4, 1), nn.BatchNorm3d(4), nn.AdaptiveAvgPool3d(1), nn.Flatten(),
+                             nn.Linear(4, 2)).train()
+
+    x = torch.rand(2, 3, 2, 4, 4)
+    alone, mixed = net(), net()
+    loss_a, *_ = BackboneJob.loss(None, alone, (x, torch.tensor([0, 1])), "cpu", Criterion())
+    blank = torch.cat([x, torch.zeros(1, 3, 2, 4, 4)])
+    loss_m, _, _, valid = BackboneJob.loss(None, mixed, (blank, torch.tensor([0, 1, IGNORE])), "cpu",
+                                           Criterion())
+    assert int(valid) == 2 and torch.equal(loss_a, loss_m)
+    assert torch.equal(alone[1].running_mean, mixed[1].running_mean)
+    assert torch.equal(alone[1].running_var, mixed[1].running_var)

@@ -251,3 +251,13 @@ def test_bad_amp_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown autocast dtype 'fp8'" in err[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_a_resume_removes_temporaries_a_killed_write_left_in_the_run_folder(tmp_path):
+    store = make_store(tmp_path / "s", n=12)
+    train(cfg(store.root, tmp_path / "r", epochs=1))
+    leftovers = [tmp_path / "r" / ".run.json.k1ll3d.tmp", tmp_path / "r" / "checkpoints" / ".last.pt.x.tmp"]
+    for p in leftovers:
+        p.write_bytes(b"half a file")
+    train(cfg(store.root, tmp_path / "r", epochs=2, resume=True))
+    assert not any(p.exists() for p in leftovers) and (tmp_path / "r" / "run.json").is_file()

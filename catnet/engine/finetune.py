@@ -267,16 +267,22 @@ class BackboneJob(Job):
 
     def loss(self, net, batch, device, criterion):
         x, y = (t.to(device, non_blocking=True) for t in batch)
+        keep = y != IGNORE
+        valid = keep.sum()
+        if 0 < int(valid) < len(y):  # failed videos' blank clips stay out of BatchNorm's batch statistics
+            x, y = x[keep], y[keep]
         logits = net(x).float()
-        valid = (y != IGNORE).sum()
         # the criterion's mean skips IGNORE (criterion.ignore_index); a batch of only failed clips steps
-        # with zero gradient rather than 0/0 (under DDP the criterion itself does, and every rank calls it)
+        # with zero gradient rather than 0/0 (under DDP the criterion itself does, and every rank calls
+        # it); only such a batch, all blank, still reaches BatchNorm
         loss = criterion(logits, y) if criterion.world_size > 1 or bool(valid) else logits.sum() * 0.0
         return loss, loss.detach() * valid, (logits.argmax(1) == y).sum(), valid
 
     def validate(self, epoch: int, last: bool, epochs: int):
         if (epoch + 1) % self.cfg.eval_every and not last:
             return None
+        if self.info.world_size > 1:  # each rank's last step moved its own BatchNorm running stats:
+            dist.broadcast_buffers(self.model)  # validate rank 0's, the ones the checkpoint saves
         return evaluate_videos(self.model, self.entries, self.plan.val, self.cfg, self.info.device,
                                progress=self.cfg.progress)
 

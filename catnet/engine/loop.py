@@ -192,8 +192,9 @@ def run_folder(cfg: Recipe, info: dist.DistInfo) -> Iterator[None]:
     out = Path(cfg.out)
     with exclusive_lock(out / ".lock", f"another catnet run is writing {out}; wait for it to finish or "
                                          "choose another --out"):
-        if (out / CHECKPOINTS).is_dir():
-            remove_stale_temps(out / CHECKPOINTS)  # a checkpoint write cut short by a kill
+        for folder in (out, out / CHECKPOINTS):  # writes cut short by a kill (checkpoints, run.json, ...)
+            if folder.is_dir():
+                remove_stale_temps(folder)
         yield
 
 

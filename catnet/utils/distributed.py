@@ -114,6 +114,14 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank `src`'s buffers (BatchNorm running statistics) into every rank's `model`, in place."""
+    if not is_initialized():
+        return
+    for b in model.buffers():
+        td.broadcast(b.data, src=src)
+
+
 def broadcast_object(obj, src: int = 0):
     if not is_initialized():
         return obj
