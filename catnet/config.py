@@ -188,13 +188,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CatnetError(f"config file not found: {path}")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_NoAliasLoader) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_NoAliasLoader)
     except yaml.YAMLError as e:
         raise CatnetError(f"invalid YAML in {path}: {str(e).splitlines()[0]}") from None
     except UnicodeDecodeError:
         raise CatnetError(f"config file {path} is not UTF-8 text") from None
+    if data is None:  # an empty file (or only comments)
+        return {}
     if not isinstance(data, dict):
-        raise CatnetError(f"config file {path} must hold a mapping at top level")
+        raise CatnetError(f"config file {path} must hold a mapping at top level, not {type(data).__name__}")
     return data
 
 

@@ -9,8 +9,10 @@ which sees the same code path minus the 3-line `__main__`.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,9 +36,10 @@ def files(tmp_path_factory):
     (root / "home").mkdir()
     (root / "ftrun").mkdir()  # what `catnet finetune-backbone` leaves: a run.json without a head
     (root / "ftrun" / "run.json").write_text('{"kind": "backbone", "backbone": "i3d_r50"}')
+    (root / "listname.yaml").write_text("name: [catnet]\n")
     return {"store": str(store.root), "run": str(root / "run"), "text": str(root / "notes.mp4"),
             "yaml": str(root / "bad.yaml"), "home": str(root / "home"), "tmp": str(root),
-            "ftrun": str(root / "ftrun")}
+            "ftrun": str(root / "ftrun"), "listname": str(root / "listname.yaml")}
 
 
 # verb -> misuse cases: (argv after the verb, a substring of the one error line). The first case of each
@@ -63,7 +66,8 @@ CASES: dict[str, list[tuple[str, str]]] = {
               ("{store} --out {tmp}/t7 --resume", "nothing to resume"),
               ("{store} --out {run}", "already holds a run"),
               ("{store} --out {tmp}/t8 --head-opt oops", "key=value"),
-              ("{store} --out {tmp}/t9 --init-from {ftrun}", "backbone fine-tuning run")],
+              ("{store} --out {tmp}/t9 --init-from {ftrun}", "backbone fine-tuning run"),
+              ("{store} --out {tmp}/t10 --head-preset {listname}", "must be a head name")],
     "eval": [("{run} --store {nope}", "not found"), ("{nope} --store {store}", "not a catnet run"),
              ("{run}", "--store"), ("{run} --store {store} --which middle", "invalid choice"),
              ("{run} --store {store} --split nosuch", "empty"),
@@ -80,7 +84,7 @@ CASES: dict[str, list[tuple[str, str]]] = {
     "report": [("{nope}", "not a catnet run"), ("{run} --videos few", "invalid int")],
     "demo": [("--config {nope}.yaml", "not found"), ("--seeds several", "invalid int")],
     "reproduce": [("ucf101 --root {nope}", "does not exist"), ("imagenet --root {tmp}", "invalid choice"),
-                  ("ucf101", "--root")],
+                  ("ucf101", "--root"), ("ucf101 --root {tmp} --epochs 0", "epochs must be >= 1")],
     "serve": [("--checkpoint {nope}", "not a catnet run"), ("--port http", "invalid int")],
 }
 
@@ -130,6 +134,22 @@ def test_misuse_in_process(files, monkeypatch, capfd, verb, case, match):
     except SystemExit as e:  # argparse's own errors
         code = e.code
     _check(code, capfd.readouterr().err, match, argv)
+
+
+def test_sigterm_is_a_clean_interrupt_for_every_verb(files, tmp_path):
+    """Schedulers send SIGTERM before SIGKILL: like Ctrl-C, one line and exit 130 (train here)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = tmp_path / "long"
+    proc = subprocess.Popen([sys.executable, "-m", "catnet", "train", files["store"], "--out", str(out),
+                             "--epochs", "100000", "--batch-size", "4", "--no-progress"], cwd=REPO, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "run.json").is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "catnet train: interrupted" and "Traceback" not in err
 
 
 def test_no_verb_and_unknown_verb(capfd):

@@ -15,6 +15,7 @@ from catnet.engine.splits import group_kfold, holdout, plan_splits, selection_no
 from catnet.engine.train import TrainConfig, train
 from catnet.errors import CatnetError
 from catnet.features import FeatureStore
+from catnet.features.inspect import summarize
 
 
 def plan(splits, labels, groups=None, **kw):
@@ -177,3 +178,17 @@ def test_legacy_runs_validated_on_test_are_marked():
     assert selection_note(info, "last", "test") is None
     assert selection_note({**info, "train": {"early_stop": 3}}, "last", "test") is not None
     assert selection_note({"splits": {"val": "none"}}, "best", "test") is None
+
+
+def test_inspect_counts_groups_per_split_as_training_does(tmp_path, capsys):
+    """A video without a group is its own group (as the hold-out treats it), and a split of only such
+    videos is still listed."""
+    feats = [np.ones((2, 4), np.float32)] * 6
+    store = FeatureStore.write_synthetic(tmp_path / "s", feats, [0, 1, 0, 1, 0, 1], ["a", "b"],
+                                         splits=["train"] * 4 + ["val"] * 2,
+                                         groups=["g1", "g1", "g2", "", "", ""])
+    groups = summarize(store)["groups"]
+    assert groups["per_split"] == {"train": 3, "val": 2} and groups["ungrouped"] == {"train": 1, "val": 2}
+    assert groups["in_several_splits"] == 0
+    assert main(["inspect", str(store.root)]) == 0
+    assert "train: 3 (1 without a group), val: 2 (2 without a group)" in capsys.readouterr().out

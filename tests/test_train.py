@@ -261,3 +261,37 @@ def test_a_resume_removes_temporaries_a_killed_write_left_in_the_run_folder(tmp_
         p.write_bytes(b"half a file")
     train(cfg(store.root, tmp_path / "r", epochs=2, resume=True))
     assert not any(p.exists() for p in leftovers) and (tmp_path / "r" / "run.json").is_file()
+
+
+def _recorded_head(tmp_path, name, *argv):
+    store = make_store(tmp_path / "s", n=12)
+    assert cli(["train", str(store.root), "--out", str(tmp_path / name), "--epochs", "1", "--batch-size", "4",
+                "--no-progress", *argv]) == 0
+    return json.loads((tmp_path / name / "run.json").read_text())
+
+
+def test_precedence_defaults_config_head_preset_flags_head_opt(tmp_path):
+    """TrainConfig defaults < --config < --head-preset < flags < --head-opt, dropout included."""
+    heads = CONFIGS / "heads"
+    info = _recorded_head(tmp_path, "a", "--head-preset", str(heads / "catnet.yaml"), "--head", "avgpool")
+    assert info["head"]["config"]["name"] == "avgpool" and info["head"]["options"] == {}  # preset's dropped
+    assert info["head"]["config"]["dropout"] == 0.0
+    info = _recorded_head(tmp_path, "b", "--head", "avgpool", "--dropout", "0.1", "--head-opt", "dropout=0.3")
+    assert info["head"]["config"]["dropout"] == 0.3
+    info = _recorded_head(tmp_path, "c", "--config", str(CONFIGS / "ucf101.yaml"),
+                          "--head-preset", str(heads / "avgpool.yaml"))
+    assert info["head"]["config"]["dropout"] == 0.0  # the preset's, not ucf101.yaml's 0.5
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("epochs: 1\n")  # a user's partial preset: today's defaults for the rest
+    info = _recorded_head(tmp_path, "d", "--config", str(partial))
+    assert (info["train"]["schedule"], info["train"]["nesterov"], info["train"]["standardize"]) == (
+        "cosine", True, True)
+
+
+@pytest.mark.parametrize("text", ["[]\n", "0\n", "false\n"])
+def test_a_config_that_is_not_a_mapping_is_refused(tmp_path, capsys, text):
+    store = make_store(tmp_path / "s", n=8)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    assert cli(["train", str(store.root), "--out", str(tmp_path / "r"), "--config", str(bad)]) == 2
+    assert "must hold a mapping" in capsys.readouterr().err

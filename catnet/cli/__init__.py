@@ -11,7 +11,9 @@ import argparse
 import importlib
 import math
 import os
+import signal
 import sys
+import threading
 
 from catnet.errors import CatnetError
 from catnet.utils.memory import hold_freed_memory
@@ -88,9 +90,28 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _sigterm_to_interrupt(signum, frame):
+    raise KeyboardInterrupt  # schedulers send SIGTERM first: unwind as Ctrl-C does (partial outputs removed)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     selected = next((a for a in argv if not a.startswith("-")), None)
+    name = f"catnet {selected}" if selected in VERBS else "catnet"
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    try:  # from the first moment: Ctrl-C while torch imports is one line too
+        return _main(argv, selected)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str], selected: str | None) -> int:
     parser = build_parser(selected)
     args = parser.parse_args(argv)
     if args.verb is None:
@@ -104,9 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     except CatnetError as e:
         print(f"catnet {args.verb}: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print(f"catnet {args.verb}: interrupted", file=sys.stderr)
-        return 130
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
         print(f"catnet {args.verb}: error: {e.strerror or e}: {e.filename}", file=sys.stderr)
         return 2

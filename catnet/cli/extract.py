@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 from dataclasses import asdict
 
@@ -81,17 +80,10 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
     return from_dict(ExtractConfig, data)
 
 
-def _sigterm_to_interrupt(signum, frame):
-    raise KeyboardInterrupt  # flushes finished videos on the way out (schedulers send SIGTERM first)
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
-    try:
-        result = extract(args.source, args.out, cfg, progress=not args.no_progress, root=args.root)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    # SIGTERM arrives as KeyboardInterrupt (catnet.cli.main): finished videos are flushed on the way out
+    result = extract(args.source, args.out, cfg, progress=not args.no_progress, root=args.root)
     for f in result.failures[:20]:
         print(f"failed: {quoted(f['path'])}: {f['reason']}", file=sys.stderr)
     if len(result.failures) > 20:

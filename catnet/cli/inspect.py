@@ -38,10 +38,15 @@ def _dense(d: dict[str, Any]) -> str:
 
 
 def _groups(g: dict[str, Any]) -> str:
-    if not g["per_split"]:
+    ungrouped = g.get("ungrouped", {})
+    if all(ungrouped.get(k) == v for k, v in g["per_split"].items()):
         return "- (every video its own group)"
     shared = g["in_several_splits"]
-    return (", ".join(f"{k or '(none)'}: {v}" for k, v in g["per_split"].items())
+
+    def count(k: str, v: int) -> str:
+        return f"{k or '(none)'}: {v}" + (f" ({ungrouped[k]} without a group)" if ungrouped.get(k) else "")
+
+    return (", ".join(count(k, v) for k, v in g["per_split"].items())
             + (f"; {shared} group(s) in more than one split" if shared else "; no group in two splits"))
 
 

@@ -76,17 +76,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """--config preset (or the resumed run's own config) < --head-preset < explicit flags < --head-opt."""
     data = starting_point(TrainConfig, "train", args.out, args.resume, args.config)
-    if args.head is not None and args.head != data.get("head"):
-        data["head_options"] = {}  # the preset's options belong to the preset's head
     if args.head_preset:
         name, options = load_head_preset(args.head_preset)
         data.update(head=name, head_options=options)
+        if "dropout" in options:  # the head preset's dropout beats the --config's training-level one
+            data.pop("dropout", None)
+    if args.head is not None and args.head != data.get("head"):
+        data["head_options"] = {}  # a preset's options belong to the preset's head
     apply_flags(args, TrainConfig, FLAGS, data)
     if args.head_opt:
         preset = data.get("head_options") or {}
         if not isinstance(preset, dict):
             raise CatnetError(f"config key 'head_options' must be a mapping, got {preset!r}")
         data["head_options"] = {**preset, **parse_key_values(args.head_opt, "--head-opt")}
+        if "dropout" in data["head_options"]:  # --head-opt dropout= is the last word, over --dropout
+            data.pop("dropout", None)
     data.update(store=args.store, out=args.out, resume=bool(args.resume),
                 progress=not args.no_progress and data.get("progress", True))
     return from_dict(TrainConfig, data)

@@ -89,9 +89,9 @@ class FinetuneConfig(Recipe):
                               f"{self.spatial.train_short[0]}")
 
     @classmethod
-    def upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """A FinetuneConfig dict in today's shape, from any earlier catnet's run.json."""
-        data = super().upgrade(data)
+    def upgrade(cls, data: dict[str, Any], recorded: bool = True) -> dict[str, Any]:
+        """A FinetuneConfig dict in today's shape, from any earlier catnet's run.json (or a YAML)."""
+        data = super().upgrade(data, recorded)
         for old, (part, key) in _V01_KEYS.items():
             if old in data:
                 data.setdefault(part, {})[key] = data.pop(old)

@@ -108,11 +108,12 @@ class Recipe:
         "sampler": "shuffle", "early_stop": 0}
 
     @classmethod
-    def upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """A config dict from an earlier catnet's run.json in today's shape: keys it lacks get the values
-        that catnet trained with, not today's defaults."""
+    def upgrade(cls, data: dict[str, Any], recorded: bool = True) -> dict[str, Any]:
+        """A config dict in today's shape. `recorded` (an earlier catnet's run.json): keys it lacks get
+        the values that catnet trained with, not today's defaults. A user's YAML (`recorded=False`) only
+        has renamed keys moved: what it does not set takes today's defaults, as its flags would."""
         data = dict(data)
-        if "schedule" not in data:
+        if recorded and "schedule" not in data:
             data = {**cls.LEGACY, **data}
         return data
 
@@ -163,7 +164,7 @@ def starting_point(cls: type[Recipe], key: str, out: str, resume: bool, preset: 
     """The config a command line starts from: a --config preset, else the resumed run's own settings
     (RUN/run.json[key]), else nothing (the defaults)."""
     if preset:
-        return cls.upgrade(load_yaml(preset))
+        return cls.upgrade(load_yaml(preset), recorded=False)
     if resume and (Path(out) / RUN_JSON).is_file():
         return recorded_config(cls, read_run_info(out), key)
     return {}
@@ -403,7 +404,8 @@ class _Run:
             print(f"done: best val top-1 {best} at epoch {st.best_epoch}; run saved in {self.out}",
                   file=sys.stderr)
         return {"run_dir": str(self.out), "epochs": self.epochs, "epochs_run": done,
-                "stopped_early": st.stopped, "best_epoch": st.best_epoch, "best_top1": st.best_top1,
+                "stopped_early": st.stopped, "best_epoch": st.best_epoch,
+                "best_top1": st.best_top1 if self.plan.val else None,  # a validation top-1, or none
                 "final": st.history[-1] if st.history else None, "history": st.history,
                 "world_size": self.info.world_size, "val": self.plan.val_name,
                 "selected_on": self.plan.selected_on}

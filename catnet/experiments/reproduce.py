@@ -32,7 +32,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from catnet.config import from_dict, load_yaml, to_dict
+from catnet.config import check_fields, from_dict, load_yaml, spec, to_dict
 from catnet.data.annotations import load_annotations
 from catnet.engine.evaluate import evaluate_run
 from catnet.engine.finetune import FinetuneConfig, finetune
@@ -128,11 +128,14 @@ class ReproduceConfig:
     splits: tuple[int, ...] = ()
     skip_finetune: bool = False
     extract: ExtractConfig = field(default_factory=_extract)
-    epochs: int | None = None  # None: configs/DATASET.yaml
+    epochs: int | None = field(default=None, metadata=spec(ge=1))  # None: configs/DATASET.yaml
     heads: tuple[str, ...] = tuple(TABLE1)  # keys of catnet.experiments.variants.TABLE1
-    seeds: int = 1
+    seeds: int = field(default=1, metadata=spec(ge=1))
     init_from: str | None = None  # Sec. 4.3: a Kinetics-trained run to transfer (UCF101/HMDB51)
-    gpus: int = 0
+    gpus: int = field(default=0, metadata=spec(ge=0))
+
+    def __post_init__(self) -> None:
+        check_fields(self)  # before hours of fine-tuning and extraction, not at the first training run
 
     @property
     def device(self) -> str:
@@ -214,7 +217,7 @@ def extract_features(cfg: ReproduceConfig, stride: int, videos_dir: Path, checkp
            str(e.workers)]
     cmd += ["--checkpoint", checkpoint] if checkpoint else []
     cmd += [] if e.pretrained is None else ["--pretrained" if e.pretrained else "--no-pretrained"]
-    if subprocess.run(cmd).returncode not in (0, 1):
+    if subprocess.run(cmd, stdout=sys.stderr).returncode not in (0, 1):  # stdout: --json's alone
         raise CatnetError(f"feature extraction failed: {' '.join(cmd)}")
     return store
 
@@ -272,7 +275,7 @@ def _torchrun_train(gpus: int, tcfg: TrainConfig) -> None:
                                                       if k not in ("store", "out", "resume")})
     cmd = ["torchrun", f"--nproc_per_node={gpus}", "-m", "catnet", "train", tcfg.store, "--out",
            tcfg.out, "--config", str(run_dir / "train_config.json"), *(["--resume"] if tcfg.resume else [])]
-    if subprocess.run(cmd).returncode != 0:
+    if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:  # stdout: --json's alone
         raise CatnetError(f"training failed: {' '.join(cmd)}")
 
 

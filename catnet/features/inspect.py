@@ -30,14 +30,21 @@ def _dense_settings(sampling: dict[str, Any], records: list[dict[str, Any]]) -> 
 
 
 def _groups(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Distinct source-video groups per split, and how many groups have videos in more than one split
-    (clips of one source video on both sides of a split: leakage). Videos without a group are left out."""
+    """Source-video groups per split, counted as training counts them (a video without a group is its
+    own), how many of those had no group, and how many named groups have videos in more than one split
+    (clips of one source video on both sides of a split: leakage)."""
     per: dict[str, set[str]] = {}
+    ungrouped: Counter = Counter()
     for r in records:
+        split = r.get("split", "")
+        per.setdefault(split, set())
         if r.get("group"):
-            per.setdefault(r.get("split", ""), set()).add(r["group"])
+            per[split].add(r["group"])
+        else:
+            ungrouped[split] += 1
     seen = Counter(g for groups in per.values() for g in groups)
-    return {"per_split": {k: len(v) for k, v in sorted(per.items())},
+    return {"per_split": {k: len(v) + ungrouped[k] for k, v in sorted(per.items())},
+            "ungrouped": {k: ungrouped[k] for k in sorted(per) if ungrouped[k]},
             "in_several_splits": sum(1 for n in seen.values() if n > 1)}
 
 

@@ -112,6 +112,8 @@ def load_head_preset(path: str | Path) -> tuple[str, dict[str, Any]]:
     name = data.pop("name", None)
     if name is None:
         raise CatnetError(f"head preset {path} has no 'name' key")
+    if not isinstance(name, str):
+        raise CatnetError(f"head preset {path}: 'name' must be a head name, got {name!r}")
     _lookup(name)
     build_head(name, 1, 1, **data)  # validates keys and values now rather than at training time
     return name, data
