@@ -50,6 +50,15 @@ def test_timeline_with_hop_equal_to_window_is_the_windows_spans():
     assert [(s.start, s.end) for s in tl.segments] == [(0, 4), (4, 6)]
 
 
+def test_a_short_tail_window_keeps_the_boundary_at_its_start():
+    """H = S: segments are exactly the windows' spans, the partial tail window's too (2.0-3.0, 3.0-3.16),
+    although its centre is nearer to the previous window's."""
+    tl = Timeline(["a", "b"])
+    for w in [_window(0, 0, 1, "a"), _window(1, 1, 2, "a"), _window(2, 2, 3, "a"), _window(3, 3, 3.16, "b")]:
+        tl.add(w)
+    assert [(s.label, s.start, s.end) for s in tl.segments] == [("a", 0, 3), ("b", 3, 3.16)]
+
+
 def _predictor(clips=3, crops=1):
     torch.manual_seed(0)
     head = build_head("local", in_dim=3, num_classes=2, num_heads=2)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from catnet.cli import main
-from catnet.engine.splits import group_kfold, holdout, plan_splits, selection_note
+from catnet.engine.splits import group_kfold, holdout, plan_splits, resolve_split, selection_note
 from catnet.engine.train import TrainConfig, train
 from catnet.errors import CatnetError
 from catnet.features import FeatureStore
@@ -192,3 +192,17 @@ def test_inspect_counts_groups_per_split_as_training_does(tmp_path, capsys):
     assert groups["in_several_splits"] == 0
     assert main(["inspect", str(store.root)]) == 0
     assert "train: 3 (1 without a group), val: 2 (2 without a group)" in capsys.readouterr().out
+
+
+def test_evaluation_falls_back_test_then_val_then_a_store_without_split_names(tmp_path):
+    def store(name, splits):
+        feats = [np.ones((2, 4), np.float32)] * len(splits)
+        return FeatureStore.write_synthetic(tmp_path / name, feats, [i % 2 for i in range(len(splits))],
+                                            ["a", "b"], splits=splits)
+
+    assert resolve_split(store("tv", ["train", "val", "val"]), None) == ("val", [1, 2])
+    assert resolve_split(store("none", ["", "", ""]), None) == ("", [0, 1, 2])
+    with pytest.raises(CatnetError, match="splits present: train"):
+        resolve_split(store("train_only", ["train", "train"]), None)
+    with pytest.raises(CatnetError, match="--split '' takes all its videos"):
+        resolve_split(store("none2", ["", ""]), "test")

@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", nargs="+", required=True, metavar="STORE",
                    help="feature store(s): one per RUN (3-split protocol) or one for all")
     p.add_argument("--split", default=None, help="store split to evaluate (default: test, else val)")
-    p.add_argument("--which", default="best", choices=("best", "last"), help="checkpoint to evaluate")
+    p.add_argument("--which", default="best", choices=("best", "last"),
+                   help="checkpoint to evaluate (default: best, chosen on the run's validation videos)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -52,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
               f"{_pct(r['top5']):>7} {_pct(r['mean_class_acc']):>8}")
     if len(out["splits"]) > 1:
         s = out["summary"]
-        print("mean ± std over splits: " + ", ".join(
+        # one store per run: the 3-split protocol; one store for all: runs (seeds, heads) on one split
+        over = "splits" if len({r["store"] for r in out["splits"]}) > 1 else "runs, one store"
+        print(f"mean ± std over {over}: " + ", ".join(
             f"{k} {100 * v['mean']:.2f} ± {100 * v['std']:.2f}" for k, v in s.items()))
     for r in out["splits"]:
         if r.get("note"):

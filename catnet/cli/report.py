@@ -13,8 +13,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a run folder (catnet train --out)")
     p.add_argument("--baseline", default=None, help="a second run to compare per class with (Fig. 4)")
     p.add_argument("--store", default=None, help="feature store (default: the one the run trained on)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--which", default="last", choices=["best", "last"], help="checkpoint to analyse")
+    p.add_argument("--split", default=None, help="store split to analyse (default: test, else val, as "
+                   "catnet eval; a store without split names: all its videos)")
+    p.add_argument("--which", default="last", choices=["best", "last"],
+                   help="checkpoint to analyse (default: last, what the demo reports)")
     p.add_argument("--videos", type=int, default=4, help="test videos shown in Fig. 6")
     p.add_argument("--out", default=None, help="report folder (default RUN/report)")
 

@@ -41,7 +41,8 @@ FLAGS = {
                          "(default 0: off)"),
     "--standardize": Flag("standardize", "standardise clip features by the training videos' mean/std, "
                           "stored in the run (default: on)"),
-    "--dropout": Flag("dropout", "dropout before the classifier (default: the head's, 0.5)"),
+    "--dropout": Flag("dropout", "dropout before the classifier (default: the head's, 0.5; none for "
+                      "avgpool / linear)"),
     "--train-views": Flag("train_views", "random clip views per video while training (default 10)"),
     "--train-split": Flag("train_split", "store split to train on (default train)"),
     "--val-split": Flag("val_split", "split that selects the checkpoint (default: val, else a held-out "

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from catnet.engine.metrics import MetricAccumulator
 from catnet.engine.runs import load_run
-from catnet.engine.splits import resolve_split, selection, selection_note
+from catnet.engine.splits import resolve_split, selection, selection_note, training_note
 from catnet.errors import CatnetError
 from catnet.features.loader import (
     check_finite,
@@ -170,8 +170,10 @@ def evaluate_run(run_dir: str | Path, store: str | Path, split: str | None = Non
     result = evaluate(head, store, split, classes=info["classes"], batch_size=batch_size, device=device,
                       num_workers=num_workers, progress=progress)
     note = selection_note(info, which, result["split"])
+    trained = training_note(info, store.root, result["split"])
     result.update(run=str(run_dir), checkpoint=which, selected_on=selection(info)[0],
-                  selected_on_measured_split=note is not None, note=note)
+                  selected_on_measured_split=note is not None, trained_on_measured_split=trained is not None,
+                  note="; ".join(n for n in (note, trained) if n) or None)
     if save and dist.is_main():
         folder = Path(run_dir) / EVAL_FOLDERS[which] / store.root.name / result["split"]
         result["saved_to"] = str(save_eval(result, folder))

@@ -50,6 +50,7 @@ from catnet.errors import CatnetError
 from catnet.utils import distributed as dist
 from catnet.utils.amp import amp_dtype, autocast, grad_scaler
 from catnet.utils.io import atomic_write_json, exclusive_lock, remove_stale_temps
+from catnet.utils.threads import iteration
 
 
 @dataclass
@@ -329,20 +330,22 @@ class _Run:
         self.net.train()
         stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, items
         batches = self.job.batches(epoch, self.sampler.epoch_order(), self.per_rank_batch)
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False, file=sys.stderr,
-                   disable=not (self.main and cfg.progress), dynamic_ncols=True)
-        for step, batch in enumerate(bar):
-            set_lr(self.optimizer, self.schedule.lr(epoch, step))
-            with autocast(self.device_type, self.amp):
-                loss, loss_sum, correct, n = self.job.loss(self.net, batch, device, self.criterion)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            # accumulated on the device: no host sync per step
-            stats += torch.stack([loss_sum.detach().double(), correct.double(), n.double()])
-            if step % 10 == 0 and not bar.disable:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+        with iteration(batches) as it:  # the read-ahead thread is joined even if the epoch is cut short
+            bar = tqdm(it, total=len(batches), desc=f"epoch {epoch + 1}/{self.epochs}", leave=False,
+                       file=sys.stderr, disable=not (self.main and cfg.progress), dynamic_ncols=True)
+            for step, batch in enumerate(bar):
+                set_lr(self.optimizer, self.schedule.lr(epoch, step))
+                with autocast(self.device_type, self.amp):
+                    loss, loss_sum, correct, n = self.job.loss(self.net, batch, device, self.criterion)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                # accumulated on the device: no host sync per step
+                stats += torch.stack([loss_sum.detach().double(), correct.double(), n.double()])
+                if step % 10 == 0 and not bar.disable:
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.close()
         stats = dist.all_reduce_sum(stats).cpu()  # the same on every rank: all stop together below
         if not math.isfinite(float(stats[0])):
             raise CatnetError(f"the training loss became non-finite (NaN/Inf) in epoch {epoch + 1}: the "

@@ -25,6 +25,7 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -196,15 +197,21 @@ def store_splits(store: FeatureStore, cfg) -> SplitPlan:
 
 
 def resolve_split(store: FeatureStore, split: str | None) -> tuple[str, list[int]]:
-    """(split name, indices) to evaluate: `split`, or the store's "test" then "val" videos when None."""
+    """(split name, indices) to evaluate: `split`, or when None the store's "test" then "val" videos,
+    else, in a store without split names (a folder of class folders), all of them ("")."""
     splits = [r.get("split") or "" for r in store.records()]
     for name in EVAL_DEFAULTS if split is None else (split,):
         indices = _named(splits, name)
         if indices:
             return name, indices
+    unnamed = " (a store without split names: --split '' takes all its videos)" if not any(splits) else ""
     if split is None:
-        raise CatnetError(f"store {store.root} has no 'test' or 'val' videos; pass --split NAME")
-    raise CatnetError(f"split {split!r} of store {store.root} is empty (splits present: {_present(splits)})")
+        if splits and not any(splits):
+            return "", list(range(len(splits)))
+        raise CatnetError(f"store {store.root} has no 'test' or 'val' videos; pass --split NAME (splits "
+                          f"present: {_present(splits)})")
+    raise CatnetError(f"split {split!r} of store {store.root} is empty (splits present: "
+                      f"{_present(splits)}){unnamed}")
 
 
 def selection(info: dict) -> tuple[str | None, bool]:
@@ -220,6 +227,20 @@ def selection(info: dict) -> tuple[str | None, bool]:
     if str(val).startswith("holdout"):
         return (info.get("splits") or {}).get("train", "train") or "", early
     return val, early
+
+
+def training_note(info: dict, store_root: str | Path, split: str) -> str | None:
+    """A one-line warning when `split` of this store is the one the run trained on (a folder store
+    without split names, evaluated whole, is the usual way to get here); else None."""
+    recorded = (info.get("store") or {}).get("path")
+    trained = (info.get("splits") or {}).get("train")
+    if recorded is None or trained is None or trained != split:
+        return None
+    if Path(recorded).resolve() != Path(store_root).resolve():
+        return None
+    name = f"'{split}'" if split else "all (unnamed)"
+    return (f"measured on {name} videos of the store the run trained on: a training number, not a test "
+            "one (extract held-out videos into their own store, or give the store a test split)")
 
 
 def selection_note(info: dict, which: str, split: str) -> str | None:

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 
 from catnet.engine.evaluate import predict_store
 from catnet.engine.runs import load_run, read_history
-from catnet.engine.splits import resolve_split, selection, selection_note
+from catnet.engine.splits import resolve_split, selection, selection_note, training_note
 from catnet.errors import CatnetError
 from catnet.experiments.variants import variant_label
 from catnet.features.loader import mapped_labels
@@ -101,9 +101,10 @@ def analyse(head, store, indices: list[int], classes: list[str], name: str,
                     clip_weights=weights, history=history or [])
 
 
-def analyse_run(run_dir: str | os.PathLike, store: str | os.PathLike | None = None, split: str = "test",
+def analyse_run(run_dir: str | os.PathLike, store: str | os.PathLike | None = None, split: str | None = None,
                 which: str = "last") -> tuple[Analysis, Any]:
-    """Load a run and analyse it on `store` (default: the store it trained on)."""
+    """Load a run and analyse it on `store` (default: the store it trained on), on `split` (default:
+    test, else val; catnet.engine.splits.resolve_split)."""
     head, info = load_run(run_dir, which=which)
     store_path = store or info.get("store", {}).get("path")
     if not store_path or not Path(store_path).is_dir():
@@ -112,7 +113,8 @@ def analyse_run(run_dir: str | os.PathLike, store: str | os.PathLike | None = No
     split, indices = resolve_split(fs, split)
     name = variant_label(info["head"]["name"], info["head"].get("options") or {})
     a = analyse(head, fs, indices, info["classes"], name, read_history(run_dir))
-    a.note = selection_note(info, which, split)
+    a.note = "; ".join(n for n in (selection_note(info, which, split), training_note(info, fs.root, split))
+                       if n) or None
     a.split, a.checkpoint, a.selected_on = split, which, selection(info)[0]
     return a, fs
 
@@ -213,10 +215,17 @@ def fig_curves(runs: list[Analysis], path: Path) -> bool:
     for run in runs:
         ep = [h["epoch"] for h in run.history]
         l.plot(ep, [h.get("train_loss", np.nan) for h in run.history], label=run.name)
-        r.plot(ep, [100 * h.get("val_top1", np.nan) for h in run.history], label=run.name)
+        # validation runs every few epochs (and not at all without a val split): plot only those epochs,
+        # with markers, so a line of isolated points is not drawn as nothing
+        val = [(h["epoch"], 100 * h["val_top1"]) for h in run.history
+               if np.isfinite(h.get("val_top1", np.nan))]
+        if val:
+            r.plot([e for e, _ in val], [v for _, v in val], marker="o", markersize=3, label=run.name)
     l.set(xlabel="epoch", ylabel="training loss", title="training loss")
-    r.set(xlabel="epoch", ylabel="top-1 (%)", title="validation top-1")
-    r.legend(fontsize=7)
+    r.set(xlabel="epoch", ylabel="top-1 (%)",
+          title="validation top-1" if r.lines else "validation top-1 (no validation)")
+    if r.lines:
+        r.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return True
@@ -286,8 +295,9 @@ def fig_attention(a: Analysis, videos: list[int], path: Path, segments: dict[str
         tl.tick_params(labelsize=6)
         tl.set_xlabel("time (s)", fontsize=6)
         drawn += 1
-    fig.suptitle("local attention per clip: highest | medium | lowest  (* = clip overlaps the action; "
-                 "shaded = action segment)", fontsize=8)
+    known = any(segment_of(segments, a.ids[i]) is not None for i in videos)
+    fig.suptitle("local attention per clip: highest | medium | lowest"
+                 + ("  (* = clip overlaps the action; shaded = action segment)" if known else ""), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     return drawn

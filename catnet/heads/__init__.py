@@ -98,10 +98,16 @@ MAX_PARAMETERS = 2**30
 
 def _build(head_cls: type[VideoHead], config) -> nn.Module:
     """The head, after counting its parameters on the meta device (no memory) against MAX_PARAMETERS."""
-    with torch.device("meta"):
-        count = sum(p.numel() for p in head_cls(config).parameters())
-    if count > MAX_PARAMETERS:
-        raise CatnetError(f"a {config.name} head with these options would have {count:,} parameters "
+    try:
+        with torch.device("meta"):
+            count = sum(p.numel() for p in head_cls(config).parameters())
+    except RuntimeError as e:  # a size past what torch can even describe ("storage size ... overflowed")
+        if "overflow" not in str(e):
+            raise
+        count = None
+    if count is None or count > MAX_PARAMETERS:
+        size = "an uncountable number of" if count is None else f"{count:,}"
+        raise CatnetError(f"a {config.name} head with these options would have {size} parameters "
                           f"(more than {MAX_PARAMETERS:,}): check num_heads / fc_dim / in_dim / num_classes")
     return head_cls(config)
 

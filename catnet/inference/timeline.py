@@ -73,7 +73,7 @@ class Timeline:
         self.segments: list[Segment] = []
         self.sum: torch.Tensor | None = None
         self.count = 0
-        self._prev_centre: float | None = None
+        self._prev: tuple[float, float] | None = None  # the previous window's (centre, end)
         self._scores: list[float] = []  # top-1 probabilities of the current segment's windows
 
     def add(self, w: WindowPrediction) -> None:
@@ -81,8 +81,13 @@ class Timeline:
         self.count += 1
         label, score = w.predictions[0]
         centre = (w.start + w.end) / 2
-        boundary = w.start if self._prev_centre is None else (self._prev_centre + centre) / 2
-        self._prev_centre = centre
+        if self._prev is None:
+            boundary = w.start
+        else:  # the midpoint of the centres, kept inside the overlap (a short tail window's centre is
+            # early: without the clamp it would take time from a window it does not overlap)
+            prev_centre, prev_end = self._prev
+            boundary = min(max((prev_centre + centre) / 2, w.start), max(prev_end, w.start))
+        self._prev = (centre, w.end)
         if self.segments and self.segments[-1].label == label:
             seg = self.segments[-1]
             self._scores.append(score)

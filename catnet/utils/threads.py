@@ -8,13 +8,28 @@ producer to finish, and its exceptions are raised in the consumer.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
 _END = object()
+
+
+@contextlib.contextmanager
+def iteration(iterable: Iterable[T]) -> Iterator[Iterator[T]]:
+    """iter(iterable), closed on the way out of the block: a `threaded` producer is stopped and joined
+    there, even when an exception (Ctrl-C, SIGTERM) leaves the loop, not whenever the garbage collector
+    gets to it; a daemon thread still inside torch at interpreter exit can abort the process."""
+    it = iter(iterable)
+    try:
+        yield it
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
 
 
 class Stopped(Exception):
