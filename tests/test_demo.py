@@ -38,7 +38,7 @@ def test_tiny_demo_end_to_end_and_cached_rerun(tmp_path, capsys):
     assert "### Table 1" in md and "random weights" in md
     # 3 training videos per class: a tenth of them rounds down to no hold-out (docs/training.md "Splits")
     assert "without validation (nothing selected)" in md and "validating on" not in md
-    assert "measured on the 'test' split, last checkpoint (validation: none)" in md
+    assert "measured on the 'test' split, last checkpoint; validation: none" in md
     assert "attention" in json.loads((out / "report" / "report.json").read_text())
 
     # a re-run reuses the dataset, the store and every run: no run is trained again

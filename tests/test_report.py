@@ -66,7 +66,7 @@ def test_report_cli_writes_all_figures(runs, capsys):
     summary = json.loads((out / "report.json").read_text())
     assert summary["n"] == 3 and 0 <= summary["top1"] <= summary["top5"] <= 1
     assert (summary["split"], summary["checkpoint"]) == ("test", "last")  # what measured, which weights
-    assert "measured on the 'test' split, last checkpoint (validation: " in md
+    assert "measured on the 'test' split, last checkpoint; validation: " in md
     delta = summary["class_delta"]
     assert delta["improved"] + delta["degraded"] + delta["unchanged"] == 3
     att = summary["attention"]  # found the segments through the store manifest's source

@@ -214,6 +214,18 @@ def resolve_split(store: FeatureStore, split: str | None) -> tuple[str, list[int
                       f"{_present(splits)}){unnamed}")
 
 
+def validation_words(info: dict) -> str:
+    """How a run validated, from its run.json, in words: "held-out 'train' videos", "the 'val' split",
+    "none"; with ", early stopping" when validation also decided the run's length."""
+    val = str((info.get("splits") or {}).get("val") or NO_VALIDATION)
+    selected_on, early = selection(info)
+    if selected_on is None:
+        return "none"
+    where = (f"held-out {selected_on!r} videos" if selected_on else "held-out videos") \
+        if val.startswith("holdout") else f"the {selected_on!r} split"
+    return where + (", early stopping" if early else "")
+
+
 def selection(info: dict) -> tuple[str | None, bool]:
     """(the store split a run's checkpoint selection used, or None; whether early stopping used it too)
     from its run.json, including runs of earlier catnet versions (which recorded only `splits.val`)."""

@@ -28,7 +28,7 @@ from catnet.config import from_dict, merge, to_dict
 from catnet.data.synth import SynthConfig, generate
 from catnet.engine.evaluate import evaluate_run
 from catnet.engine.runs import load_run, read_history
-from catnet.engine.splits import NO_VALIDATION, resolve_split, selection, selection_note
+from catnet.engine.splits import resolve_split, selection, selection_note, validation_words
 from catnet.engine.train import TrainConfig
 from catnet.errors import CatnetError
 from catnet.experiments.report import analyse, attention_on_action, find_segments, write_report
@@ -218,13 +218,9 @@ def _recipe(t: TrainConfig) -> str:
 
 
 def _validation(info: dict) -> str:
-    """How a run validated, from its run.json, in words for the settings line."""
-    val = (info.get("splits") or {}).get("val")
-    early = (info.get("train") or {}).get("early_stop")
-    if not val or val == NO_VALIDATION:
-        return "without validation (nothing selected)"
-    where = "held-out training videos" if str(val).startswith("holdout") else f"the {val!r} split"
-    return f"validating on {where}" + (f", stopping early after {early} epochs without gain" if early else "")
+    """How a run validated, for the settings line."""
+    words = validation_words(info)
+    return "without validation (nothing selected)" if words == "none" else f"validating on {words}"
 
 
 def dataset_key(s: SynthConfig) -> dict[str, Any]:
@@ -261,6 +257,7 @@ def _report(cfg: DemoConfig, store: Path, runs: dict, rows1, rows2, out: Path) -
             a = analyse(head, fs, test_idx, info["classes"], label, read_history(run_dir))
             a.note = selection_note(info, "last", "test")
             a.split, a.checkpoint, a.selected_on = "test", "last", selection(info)[0]
+            a.validation = validation_words(info)
             validation = validation or _validation(info)
             if s == cfg.seeds[0]:
                 analyses[slug(name, opts)] = a

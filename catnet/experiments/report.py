@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 
 from catnet.engine.evaluate import predict_store
 from catnet.engine.runs import load_run, read_history
-from catnet.engine.splits import resolve_split, selection, selection_note, training_note
+from catnet.engine.splits import resolve_split, selection, selection_note, training_note, validation_words
 from catnet.errors import CatnetError
 from catnet.experiments.variants import variant_label
 from catnet.features.loader import mapped_labels
@@ -52,14 +52,15 @@ class Analysis:
     split: str | None = None  # the store split analysed ("" = a store without split names)
     checkpoint: str | None = None  # "best" | "last"
     selected_on: str | None = None  # the split the run validated on (None: no validation)
+    validation: str = "none"  # the same in words (catnet.engine.splits.validation_words)
 
     def provenance(self) -> str:
-        """'measured on the test split, last checkpoint (validation: train hold-out)', or '' if unknown."""
+        """"measured on the 'test' split, last checkpoint; validation: held-out 'train' videos", or ""."""
         if self.split is None:
             return ""
         where = f"the {self.split!r} split" if self.split else "the store's videos"
         checkpoint = f", {self.checkpoint} checkpoint" if self.checkpoint else ""
-        return f"measured on {where}{checkpoint} (validation: {self.selected_on or 'none'})"
+        return f"measured on {where}{checkpoint}; validation: {self.validation}"
 
     @property
     def preds(self) -> np.ndarray:
@@ -116,6 +117,7 @@ def analyse_run(run_dir: str | os.PathLike, store: str | os.PathLike | None = No
     a.note = "; ".join(n for n in (selection_note(info, which, split), training_note(info, fs.root, split))
                        if n) or None
     a.split, a.checkpoint, a.selected_on = split, which, selection(info)[0]
+    a.validation = validation_words(info)
     return a, fs
 
 
@@ -325,7 +327,7 @@ def write_report(out: str | os.PathLike, run: Analysis, baseline: Analysis | Non
     summary.update(split=run.split, checkpoint=run.checkpoint, selected_on=run.selected_on)
     where = list(dict.fromkeys(f"{a.name}: {a.provenance()}" for a in analysed if a.provenance()))
     md = [f"# {title}", "", extra_md, "" if extra_md else "", "## Accuracy", "",
-          *[f"Numbers {w}." for w in where], "" if where else "",
+          *[f"{w}." for w in where], "" if where else "",
           *[f"**Note** ({n})" for n in notes], "" if notes else "",
           "| model | videos | top-1 (%) | top-5 (%) | mean class acc (%) |", "|---|---|---|---|---|"]
     for a in [x for x in (baseline, run) if x is not None]:
