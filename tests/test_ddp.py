@@ -164,3 +164,34 @@ def test_broadcast_buffers_gives_every_rank_rank0s_batchnorm_statistics(tmp_path
     mp.spawn(_broadcast_worker, args=(f"file://{tmp_path / 'init'}", out), nprocs=2)
     for rank in (0, 1):
         assert torch.load(f"{out}.{rank}").tolist() == [1.0, 1.0, 1.0]
+
+
+def _loss_worker(rank: int, init: str, out: str) -> None:
+    import torch.distributed as td
+
+    from catnet.engine.finetune import IGNORE, BackboneJob
+    from catnet.engine.optim import Criterion
+
+    td.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    torch.manual_seed(0)
+    logits = torch.randn(4, 3)  # a global batch of 4 clips, 2 per rank
+    y = torch.tensor([0, 1, 2, IGNORE])  # rank 1's second video failed to decode
+    mine = slice(2 * rank, 2 * rank + 2)
+    _, loss_sum, _, n = BackboneJob.loss(None, lambda x: x, (logits[mine], y[mine]), "cpu",
+                                         Criterion(world_size=2))
+    total = torch.stack([loss_sum.double(), n.double()])
+    td.all_reduce(total)  # what the loop does with every rank's statistics
+    torch.save(total, f"{out}.{rank}")
+    td.destroy_process_group()
+
+
+def test_a_fine_tunes_logged_loss_under_ddp_is_the_batch_mean_with_failed_clips(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "loss")
+    mp.spawn(_loss_worker, args=(f"file://{tmp_path / 'init'}", out), nprocs=2)
+    total = torch.load(f"{out}.0")
+    torch.manual_seed(0)
+    logits = torch.randn(4, 3)
+    want = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, -100]), ignore_index=-100)
+    assert float(total[0] / total[1]) == pytest.approx(float(want), rel=1e-6)

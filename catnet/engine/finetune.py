@@ -276,7 +276,9 @@ class BackboneJob(Job):
         # with zero gradient rather than 0/0 (under DDP the criterion itself does, and every rank calls
         # it); only such a batch, all blank, still reaches BatchNorm
         loss = criterion(logits, y) if criterion.world_size > 1 or bool(valid) else logits.sum() * 0.0
-        return loss, loss.detach() * valid, (logits.argmax(1) == y).sum(), valid
+        # the logged loss: under DDP this rank's own sum (its `loss` is scaled by the global count)
+        total = criterion.local_sum(logits.detach(), y) if criterion.world_size > 1 else loss.detach() * valid
+        return loss, total, (logits.argmax(1) == y).sum(), valid
 
     def validate(self, epoch: int, last: bool, epochs: int):
         if (epoch + 1) % self.cfg.eval_every and not last:

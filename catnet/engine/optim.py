@@ -136,12 +136,18 @@ class Criterion:
         kw = {"weight": w, "label_smoothing": self.smoothing, "ignore_index": self.ignore_index}
         if self.world_size == 1:
             return F.cross_entropy(logits, y, **kw)
-        total = F.cross_entropy(logits, y, reduction="sum", **kw)
+        total = self.local_sum(logits, y)
         valid = (y != self.ignore_index).float()
         counts = valid if w is None else w[y.clamp_min(0)] * valid
         denominator = dist.all_reduce_sum(counts.sum().detach())
         # DDP averages the ranks' gradients: x world_size turns that into the global weighted mean
         return total * self.world_size / denominator.clamp_min(1e-12)
+
+    def local_sum(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The summed (weighted) loss of these items alone: what one rank adds to the batch's total."""
+        w = None if self.weight is None else self.weight.to(logits.device)
+        return F.cross_entropy(logits, y, weight=w, label_smoothing=self.smoothing,
+                               ignore_index=self.ignore_index, reduction="sum")
 
 
 class BalancedSampler(dist.TrainSampler):
