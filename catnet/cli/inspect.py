@@ -71,7 +71,9 @@ def _print_human(s: dict[str, Any], max_failures: int) -> None:
         rows.append(("dense windows", _dense(s["dense"])))
     rows += [
         ("sampling", json.dumps(m.get("sampling"), sort_keys=True)),
-        ("spatial", json.dumps(m.get("spatial"), sort_keys=True)),
+        # train_short is fine-tuning's scale jitter, not how these features were cropped
+        ("spatial", json.dumps({k: v for k, v in (m.get("spatial") or {}).items() if k != "train_short"},
+                               sort_keys=True)),
         ("versions", ", ".join(f"{k} {v}" for k, v in sorted((m.get("versions") or {}).items()))),
     ]
     for k, v in rows:
