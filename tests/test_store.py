@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from catnet.errors import CatnetError
 from catnet.features import FeatureStore, StoreWriter, make_manifest
 from catnet.features.store import done_and_failed
+from catnet.utils.io import current_umask
 
 
 def _feats(n=5, v=6, d=8, seed=0):
@@ -210,3 +212,12 @@ def test_bad_inputs(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-10])  # a truncated copy, e.g. a failed rsync
     with pytest.raises(CatnetError, match="corrupt feature shard"):
         len(FeatureStore(tmp_path / "s"))
+
+
+def test_the_umask_is_read_without_being_set():
+    """Reading it with os.umask(0) would, for an instant, give files other threads create mode 0666."""
+    previous = os.umask(0o027)
+    try:
+        assert current_umask() == 0o027 and os.umask(0o027) == 0o027  # still set, never zeroed
+    finally:
+        os.umask(previous)

@@ -39,7 +39,7 @@ from catnet.data.annotations import SPLITS
 from catnet.errors import CatnetError, quoted
 from catnet.features.store import FORMAT as STORE_FORMAT
 from catnet.features.store import FeatureStore, StoreWriter, make_manifest, manifest_mismatch
-from catnet.utils.io import _fsync_dir, atomic_write
+from catnet.utils.io import _fsync_dir, atomic_write, current_umask
 from catnet.video.stream import DenseSampling, is_dense
 
 EXPORT_FORMAT = "catnet-features-export"
@@ -105,8 +105,7 @@ def _staged_dir(out: Path) -> Iterator[Path]:
     _refuse_existing(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like a mkdir
     try:
         yield tmp

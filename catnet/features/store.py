@@ -41,7 +41,7 @@ import torch
 from safetensors.numpy import save_file
 
 from catnet.errors import CatnetError, quoted
-from catnet.utils.io import _fsync_dir, atomic_write, atomic_write_json
+from catnet.utils.io import _fsync_dir, atomic_write, atomic_write_json, current_umask
 from catnet.version import __version__
 
 FORMAT = "catnet-feature-store"
@@ -792,8 +792,7 @@ def check_or_write_manifest(root: Path, manifest: dict[str, Any]) -> dict[str, A
 
 def _file_mode() -> int:
     """What open() would give a new file under the current umask (usually 0644)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     return 0o666 & ~umask
 
 

@@ -19,10 +19,26 @@ from pathlib import Path
 from catnet.errors import CatnetError
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it; set back at once
+def _swap_umask() -> int:
+    mask = os.umask(0)  # set back at once; meanwhile another thread's new file would get mode 0666
     os.umask(mask)
     return mask
+
+
+_UMASK_AT_IMPORT = _swap_umask()  # imports run before catnet starts threads
+
+
+def current_umask() -> int:
+    """The process umask, read without setting it (Linux: /proc/self/status), so that files other
+    threads create meanwhile keep their permissions; elsewhere the umask catnet was imported with."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _UMASK_AT_IMPORT
 
 
 def _fsync_dir(path: Path) -> None:
@@ -48,7 +64,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         write(tmp)
         # mkstemp creates 0600, and writers that recreate the file (safetensors) reset it to 0600: give
         # the final file the permissions a plain open() would, so a store or run can be shared.
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
