@@ -132,10 +132,10 @@ class Criterion:
         of the whole global batch. Under DDP a collective (every rank calls it on every step), and 0 with
         zero gradient when no item of any rank counts; in one process such a batch is the caller's to
         skip (the mean would be 0/0), which keeps the common path free of a host sync."""
-        w = None if self.weight is None else self.weight.to(logits.device)
-        kw = {"weight": w, "label_smoothing": self.smoothing, "ignore_index": self.ignore_index}
+        w = self._weight(logits.device)
         if self.world_size == 1:
-            return F.cross_entropy(logits, y, **kw)
+            return F.cross_entropy(logits, y, weight=w, label_smoothing=self.smoothing,
+                                   ignore_index=self.ignore_index)
         total = self.local_sum(logits, y)
         valid = (y != self.ignore_index).float()
         counts = valid if w is None else w[y.clamp_min(0)] * valid
@@ -145,9 +145,11 @@ class Criterion:
 
     def local_sum(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The summed (weighted) loss of these items alone: what one rank adds to the batch's total."""
-        w = None if self.weight is None else self.weight.to(logits.device)
-        return F.cross_entropy(logits, y, weight=w, label_smoothing=self.smoothing,
+        return F.cross_entropy(logits, y, weight=self._weight(logits.device), label_smoothing=self.smoothing,
                                ignore_index=self.ignore_index, reduction="sum")
+
+    def _weight(self, device: torch.device) -> torch.Tensor | None:
+        return None if self.weight is None else self.weight.to(device)
 
 
 class BalancedSampler(dist.TrainSampler):

@@ -212,7 +212,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, store: FeatureStore, classes: 
     if head.config.in_dim != in_dim:
         raise CatnetError(f"head expects {head.config.in_dim}-d features, store has {in_dim}-d")
     standardized = head.config.standardize and init_from is None
-    if standardized and prev is None:  # a resumed run reloads its statistics with the weights
+    if stats is not None:  # a new standardised run (train()); a resumed one reloads them with the weights
         head.set_standardization(*(torch.from_numpy(a) for a in stats))
     run_info = {"catnet_version": __version__,
                 "head": {"name": head.config.name, "options": dict(cfg.head_options),

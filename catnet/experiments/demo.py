@@ -28,7 +28,7 @@ from catnet.config import from_dict, merge, to_dict
 from catnet.data.synth import SynthConfig, generate
 from catnet.engine.evaluate import evaluate_run
 from catnet.engine.runs import load_run, read_history
-from catnet.engine.splits import resolve_split, selection, selection_note, validation_words
+from catnet.engine.splits import resolve_split, validation_words
 from catnet.engine.train import TrainConfig
 from catnet.errors import CatnetError
 from catnet.experiments.report import analyse, attention_on_action, find_segments, write_report
@@ -255,9 +255,7 @@ def _report(cfg: DemoConfig, store: Path, runs: dict, rows1, rows2, out: Path) -
             run_dir = runs[(slug(name, opts), s)]
             head, info = load_run(run_dir, which="last")
             a = analyse(head, fs, test_idx, info["classes"], label, read_history(run_dir))
-            a.note = selection_note(info, "last", "test")
-            a.split, a.checkpoint, a.selected_on = "test", "last", selection(info)[0]
-            a.validation = validation_words(info)
+            a.measured(info, "last", "test", fs.root)
             validation = validation or _validation(info)
             if s == cfg.seeds[0]:
                 analyses[slug(name, opts)] = a

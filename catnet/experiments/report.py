@@ -54,6 +54,14 @@ class Analysis:
     selected_on: str | None = None  # the split the run validated on (None: no validation)
     validation: str = "none"  # the same in words (catnet.engine.splits.validation_words)
 
+    def measured(self, info: dict[str, Any], which: str, split: str, store_root: str | os.PathLike) -> None:
+        """Record where these numbers come from, from the run's run.json `info`: the split and checkpoint,
+        what validated the run, and any warning (selected on, or trained on, the measured split)."""
+        notes = (selection_note(info, which, split), training_note(info, store_root, split))
+        self.note = "; ".join(n for n in notes if n) or None
+        self.split, self.checkpoint = split, which
+        self.selected_on, self.validation = selection(info)[0], validation_words(info)
+
     def provenance(self) -> str:
         """"measured on the 'test' split, last checkpoint; validation: held-out 'train' videos", or ""."""
         if self.split is None:
@@ -114,10 +122,7 @@ def analyse_run(run_dir: str | os.PathLike, store: str | os.PathLike | None = No
     split, indices = resolve_split(fs, split)
     name = variant_label(info["head"]["name"], info["head"].get("options") or {})
     a = analyse(head, fs, indices, info["classes"], name, read_history(run_dir))
-    a.note = "; ".join(n for n in (selection_note(info, which, split), training_note(info, fs.root, split))
-                       if n) or None
-    a.split, a.checkpoint, a.selected_on = split, which, selection(info)[0]
-    a.validation = validation_words(info)
+    a.measured(info, which, split, fs.root)
     return a, fs
 
 

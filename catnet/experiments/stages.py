@@ -76,20 +76,21 @@ def derived_store(dst: Path, manifest: dict[str, Any], rows: Callable[[], Iterab
     interrupted or out-of-date one is rebuilt (no decoding, it takes seconds).
     """
     marker = dst / marker
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    digest = None if identity is None else \
+        hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
     if marker.is_file():
         saved = json.loads(marker.read_text())
-        if identity is None or saved.get("identity") == digest:
+        if saved.get("identity") == digest or identity is None:
             return dst, saved
     if dst.exists():
         shutil.rmtree(dst)
-    if identity is not None:
+    if digest is not None:
         manifest = {**manifest, "derived": digest}
     with StoreWriter(dst, manifest, shard_size=64, flush_seconds=None, journal=False) as w:
         for r in rows():
             w.add(r.id, r.features, r.times, label=r.label, split=r.split, path=r.path, num_crops=r.num_crops,
                   group=r.group)
-    info = dict(info or {}, **({"identity": digest} if identity is not None else {}))
+    info = dict(info or {}, **({"identity": digest} if digest is not None else {}))
     atomic_write_json(marker, info)
     return dst, info
 

@@ -18,14 +18,9 @@ from pathlib import Path
 
 from catnet.errors import CatnetError
 
-
-def _swap_umask() -> int:
-    mask = os.umask(0)  # set back at once; meanwhile another thread's new file would get mode 0666
-    os.umask(mask)
-    return mask
-
-
-_UMASK_AT_IMPORT = _swap_umask()  # imports run before catnet starts threads
+# read once, at import (before catnet starts threads): setting it to 0 and back is the portable way
+_UMASK_AT_IMPORT = os.umask(0)
+os.umask(_UMASK_AT_IMPORT)
 
 
 def current_umask() -> int:
